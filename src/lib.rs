@@ -1,2 +1,30 @@
 //! hl7-fhir-gateway: an on-premise bridge from HL7 v2 feeds to FHIR R4.
+//!
+//! # Data flow
+//! An EMR connects over MLLP (optionally TLS). Each frame is decoded by its MSH-18
+//! character set, its header checked, and its exact bytes committed to the journal in
+//! SQLite before the ACK goes out. Duplicates (same sender, MSH-10 and content) get the
+//! original ACK. Operators watch `/health/*` and `/metrics`.
+//!
+//! # Layout
+//! - [`hl7`]: v2 syntax (charsets, MSH, ACK builder, file splitting). Pure, a leaf.
+//! - [`mllp`]: framing codec, ingest verdicts, listener, TLS, client.
+//! - [`journal`]: durable inbound log with group commit and duplicate detection.
+//! - [`db`]: SQLite opening, durability pragmas, migrations.
+//! - [`http`]: health and metrics endpoints.
+//! - [`config`], [`setting`]: the YAML file, env overrides, validation.
+//! - [`telemetry`]: tracing set-up and every metric.
+//! - [`server`]: wiring and graceful shutdown.
+//! - [`commands`]: the `send` and `health` clients.
+#![deny(missing_docs)]
+
+pub mod commands;
+pub mod config;
+pub mod db;
 pub mod hl7;
+pub mod http;
+pub mod journal;
+pub mod mllp;
+pub mod server;
+pub mod setting;
+pub mod telemetry;

@@ -1,1 +1,154 @@
-fn main() {}
+//! Command line of hl7-fhir-gateway: flags, configuration, tracing, wiring. No logic.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use hl7_fhir_gateway::commands::{health, send};
+use hl7_fhir_gateway::config::{self, Overrides};
+use hl7_fhir_gateway::mllp::client::Options;
+use hl7_fhir_gateway::mllp::tls::ClientTls;
+use hl7_fhir_gateway::server::{termination_signal, Gateway};
+use hl7_fhir_gateway::telemetry::{self, LogFormat};
+
+/// Bridges HL7 v2 feeds received over MLLP to FHIR R4.
+#[derive(Parser)]
+#[command(name = "hl7-fhir-gateway", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway: MLLP listener, journal, HTTP health and metrics.
+    Serve(ServeArgs),
+    /// Send the messages of one or more files over MLLP and print each acknowledgment.
+    Send(SendArgs),
+    /// Exit 0 when a running gateway reports ready (for container health checks).
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// YAML configuration file; without one the embedded defaults apply.
+    #[arg(long, env = "HL7GW_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of the SQLite database (overrides `data_dir`).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// MLLP listen address (overrides `mllp.listen`).
+    #[arg(long)]
+    mllp_listen: Option<String>,
+    /// HTTP listen address (overrides `http.listen`).
+    #[arg(long)]
+    http_listen: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Write message payloads to the debug log. THIS LOGS PATIENT DATA (PHI); use only
+    /// on a test system or with the site's approval.
+    #[arg(long)]
+    log_phi: bool,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    /// Where to send: HOST:PORT.
+    #[arg(long)]
+    to: String,
+    /// Use TLS.
+    #[arg(long)]
+    tls: bool,
+    /// PEM file of CAs to trust (default: the system's roots).
+    #[arg(long, requires = "tls")]
+    ca_file: Option<PathBuf>,
+    /// PEM client certificate chain, for mutual TLS.
+    #[arg(long, requires_all = ["tls", "key_file"])]
+    cert_file: Option<PathBuf>,
+    /// PEM client private key, for mutual TLS.
+    #[arg(long, requires_all = ["tls", "cert_file"])]
+    key_file: Option<PathBuf>,
+    /// Server name to verify, when it differs from the host in --to.
+    #[arg(long, requires = "tls")]
+    server_name: Option<String>,
+    /// Seconds to wait for each acknowledgment.
+    #[arg(long, default_value_t = 30)]
+    ack_timeout_secs: u64,
+    /// Files with one or more messages (CR, LF or CRLF; MLLP-framed or not).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// Base URL of the gateway's HTTP listener.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    http: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Send(args) => send_files(args).await,
+            Command::Health(args) => check_health(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    telemetry::init_tracing(args.log_format);
+    telemetry::set_log_phi(args.log_phi);
+    if args.log_phi {
+        tracing::warn!("--log-phi is set: message payloads will be written to the debug log");
+    }
+    let overrides = Overrides { data_dir: args.data_dir, mllp_listen: args.mllp_listen, http_listen: args.http_listen };
+    let loaded = config::load(args.config.as_deref(), std::env::vars(), &overrides)?;
+    let settings = loaded.validate()?;
+    let gateway = Gateway::start(settings).await?;
+    termination_signal().await;
+    tracing::info!("shutdown requested; answering in-flight messages");
+    gateway.stop().await;
+    tracing::info!("gateway stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn send_files(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let tls = args.tls.then(|| ClientTls { ca_file: args.ca_file, cert_file: args.cert_file, key_file: args.key_file });
+    let options = Options {
+        address: args.to,
+        tls,
+        server_name: args.server_name,
+        connect_timeout: Duration::from_secs(10),
+        ack_timeout: Duration::from_secs(args.ack_timeout_secs),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let summary = send::run(&args.files, &options, &mut stdout).await?;
+    Ok(if summary.not_accepted == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn check_health(args: HealthArgs) -> anyhow::Result<ExitCode> {
+    if health::check(&args.http).await? {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("not ready: {}", args.http);
+        Ok(ExitCode::FAILURE)
+    }
+}

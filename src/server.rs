@@ -1,0 +1,165 @@
+//! Wiring of a running gateway: database, MLLP listener, HTTP server, and the two-stage
+//! shutdown. `main` calls [`Gateway::start`]; tests do too, on port 0.
+//!
+//! Shutdown order: stop accepting MLLP connections → let connections answer the frames they
+//! hold (until the grace deadline, then force) → close the journal (its writer commits
+//! what is queued and checkpoints) → stop the HTTP server last, so health stays observable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::http::{self, Readiness};
+use crate::journal::Journal;
+use crate::mllp::ingest::Ingest;
+use crate::mllp::listener::{self, Context};
+use crate::telemetry::Metrics;
+
+/// File name of the database inside the data directory.
+pub const DATABASE_FILE: &str = "gateway.db";
+
+/// How long connections get to finish after shutdown begins.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A running gateway.
+pub struct Gateway {
+    /// Bound MLLP address (useful with port 0).
+    pub mllp_address: SocketAddr,
+    /// Bound HTTP address.
+    pub http_address: SocketAddr,
+    /// Path of the SQLite database.
+    pub database: PathBuf,
+    /// Metrics of this gateway.
+    pub metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    stopped: tokio::task::JoinHandle<()>,
+}
+
+struct GatewayReadiness {
+    context: Arc<Context>,
+    shutdown: CancellationToken,
+}
+
+impl Readiness for GatewayReadiness {
+    fn check(&self) -> Result<(), String> {
+        if self.shutdown.is_cancelled() {
+            return Err("shutting down".to_string());
+        }
+        if !self.context.ingest.is_ready() {
+            return Err("journal is not accepting writes".to_string());
+        }
+        Ok(())
+    }
+}
+
+impl Gateway {
+    /// Opens the database, binds both listeners and starts serving.
+    pub async fn start(settings: Settings) -> anyhow::Result<Gateway> {
+        std::fs::create_dir_all(&settings.data_dir)
+            .with_context(|| format!("cannot create data directory {}", settings.data_dir.display()))?;
+        let database = settings.data_dir.join(DATABASE_FILE);
+        let (journal, journal_thread) = Journal::open(&database)?;
+        let metrics = Arc::new(Metrics::new());
+
+        let tls = match &settings.mllp.tls {
+            Some(tls) => Some(tokio_rustls::TlsAcceptor::from(crate::mllp::tls::server_config(tls)?)),
+            None => None,
+        };
+        let mllp_listener = TcpListener::bind(settings.mllp.listen)
+            .await
+            .with_context(|| format!("cannot listen for mllp on {}", settings.mllp.listen))?;
+        let http_listener = TcpListener::bind(settings.http.listen)
+            .await
+            .with_context(|| format!("cannot listen for http on {}", settings.http.listen))?;
+        let mllp_address = mllp_listener.local_addr()?;
+        let http_address = http_listener.local_addr()?;
+
+        let ingest = Ingest::new(journal, metrics.clone(), settings.mllp.default_charset, settings.mllp.duplicate_window);
+        let context = Arc::new(Context { settings: settings.mllp.clone(), ingest, metrics: metrics.clone(), tls });
+        let shutdown = CancellationToken::new();
+        let connections = TaskTracker::new();
+        let accept_loop =
+            tokio::spawn(listener::run(mllp_listener, context.clone(), shutdown.clone(), connections.clone()));
+
+        let readiness = Arc::new(GatewayReadiness { context: context.clone(), shutdown: shutdown.clone() });
+        let router = http::router(http::AppState { metrics: metrics.clone(), readiness });
+        let http_stop = CancellationToken::new();
+        let http_stop_signal = http_stop.clone();
+        let http_server = tokio::spawn(async move {
+            let served = axum::serve(http_listener, router)
+                .with_graceful_shutdown(async move { http_stop_signal.cancelled().await })
+                .await;
+            if let Err(error) = served {
+                tracing::error!(error = %error, "http server failed");
+            }
+        });
+
+        let stop_signal = shutdown.clone();
+        let stopped = tokio::spawn(async move {
+            stop_signal.cancelled().await;
+            let _ = accept_loop.await;
+            connections.close();
+            if tokio::time::timeout(SHUTDOWN_GRACE, connections.wait()).await.is_err() {
+                tracing::warn!("mllp connections still open after the grace period; closing them");
+            }
+            // Dropping the last journal handle lets the writer commit its queue and stop.
+            drop(context);
+            let joined = tokio::task::spawn_blocking(move || journal_thread.join()).await;
+            if !matches!(joined, Ok(Ok(()))) {
+                tracing::error!("journal writer did not stop cleanly");
+            }
+            http_stop.cancel();
+            let _ = http_server.await;
+        });
+
+        tracing::info!(mllp = %mllp_address, http = %http_address, database = %database.display(), "gateway listening");
+        Ok(Gateway { mllp_address, http_address, database, metrics, shutdown, stopped })
+    }
+
+    /// Begins shutdown without waiting.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shuts down and waits until everything has stopped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.stopped.await;
+    }
+
+    /// Waits until a shutdown (begun elsewhere) has completed.
+    pub async fn wait(self) {
+        let _ = self.stopped.await;
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot listen for SIGTERM; only SIGINT stops the gateway");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
