@@ -43,7 +43,8 @@ pub struct Gateway {
 }
 
 struct GatewayReadiness {
-    context: Arc<Context>,
+    /// Weak, so that the HTTP server (which lives longest) does not keep the journal open.
+    context: std::sync::Weak<Context>,
     shutdown: CancellationToken,
 }
 
@@ -52,7 +53,10 @@ impl Readiness for GatewayReadiness {
         if self.shutdown.is_cancelled() {
             return Err("shutting down".to_string());
         }
-        if !self.context.ingest.is_ready() {
+        let Some(context) = self.context.upgrade() else {
+            return Err("shutting down".to_string());
+        };
+        if !context.ingest.is_ready() {
             return Err("journal is not accepting writes".to_string());
         }
         Ok(())
@@ -81,14 +85,14 @@ impl Gateway {
         let mllp_address = mllp_listener.local_addr()?;
         let http_address = http_listener.local_addr()?;
 
-        let ingest = Ingest::new(journal, metrics.clone(), settings.mllp.default_charset, settings.mllp.duplicate_window);
+        let ingest = Ingest::new(journal, metrics.clone(), &settings.mllp);
         let context = Arc::new(Context { settings: settings.mllp.clone(), ingest, metrics: metrics.clone(), tls });
         let shutdown = CancellationToken::new();
         let connections = TaskTracker::new();
         let accept_loop =
             tokio::spawn(listener::run(mllp_listener, context.clone(), shutdown.clone(), connections.clone()));
 
-        let readiness = Arc::new(GatewayReadiness { context: context.clone(), shutdown: shutdown.clone() });
+        let readiness = Arc::new(GatewayReadiness { context: Arc::downgrade(&context), shutdown: shutdown.clone() });
         let router = http::router(http::AppState { metrics: metrics.clone(), readiness });
         let http_stop = CancellationToken::new();
         let http_stop_signal = http_stop.clone();

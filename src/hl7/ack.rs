@@ -7,7 +7,8 @@
 //! - Original mode answers AA, AE (content error) or AR (rejected for reasons unrelated to
 //!   content: unsupported type or version, damaged header, storage unavailable).
 //! - Enhanced mode (MSH-15 or MSH-16 valued) answers a commit accept CA, CE or CR, sent
-//!   according to MSH-15: AL or empty always, NE never, ER only on error, SU only on success.
+//!   according to MSH-15 (AL or empty always, NE never, ER only on error, SU only on
+//!   success) when the listener is set to honour MSH-15, and always otherwise.
 //! - Every AE/AR/CE/CR carries an ERR segment with the table 0357 code and the location:
 //!   ERR-2/ERR-3/ERR-4/ERR-7 from v2.5 on, ERR-1 (and MSA-3) before.
 
@@ -157,12 +158,15 @@ impl AckOutcome {
     }
 }
 
-/// Whether an accept acknowledgment is to be sent at all. In original mode always; in
-/// enhanced mode as MSH-15 asks (AL or empty: always, NE: never, ER: on error, SU: on
-/// success). Unknown MSH-15 values are read as AL: an unwanted ACK is harmless, a missing
-/// one makes the sender resend forever.
-pub fn should_send(header: &Header, outcome: &AckOutcome) -> bool {
-    if !header.enhanced_mode() {
+/// Whether an accept acknowledgment is to be sent at all.
+///
+/// With `honor_accept_ack_type` false (the default, as in Mirth Connect) every message is
+/// answered: most senders that fill MSH-15 with NE still block on the MLLP connection
+/// waiting for an answer. With it true, enhanced mode follows MSH-15 (AL or empty: always,
+/// NE: never, ER: on error, SU: on success). Unknown MSH-15 values are read as AL: an
+/// unwanted ACK is harmless, a missing one makes the sender resend forever.
+pub fn should_send(header: &Header, outcome: &AckOutcome, honor_accept_ack_type: bool) -> bool {
+    if !honor_accept_ack_type || !header.enhanced_mode() {
         return true;
     }
     let accepted = matches!(outcome, AckOutcome::Accepted);
@@ -316,19 +320,20 @@ mod tests {
     fn enhanced_mode_follows_msh_15() {
         let always = header("MSH|^~\\&|A|B|C|D|2024||ADT^A08|9|P|2.4|||AL|NE\r");
         assert_eq!(AckOutcome::Accepted.code(&always), AckCode::CA);
-        assert!(should_send(&always, &AckOutcome::Accepted));
+        assert!(should_send(&always, &AckOutcome::Accepted, true));
 
         let never = header("MSH|^~\\&|A|B|C|D|2024||ADT^A08|9|P|2.4|||NE|AL\r");
-        assert!(!should_send(&never, &AckOutcome::Accepted));
+        assert!(!should_send(&never, &AckOutcome::Accepted, true));
+        assert!(should_send(&never, &AckOutcome::Accepted, false));
 
         let on_error = header("MSH|^~\\&|A|B|C|D|2024||ADT^A08|9|P|2.4|||ER|AL\r");
         let rejected = AckOutcome::Rejected(ErrorDetail::new(207, "storage unavailable"));
-        assert!(!should_send(&on_error, &AckOutcome::Accepted));
-        assert!(should_send(&on_error, &rejected));
+        assert!(!should_send(&on_error, &AckOutcome::Accepted, true));
+        assert!(should_send(&on_error, &rejected, true));
         assert_eq!(rejected.code(&on_error), AckCode::CR);
 
         let original = header(V251);
-        assert!(should_send(&original, &rejected));
+        assert!(should_send(&original, &rejected, true));
     }
 
     #[test]

@@ -162,6 +162,7 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     default_charset: Charset,
     duplicate_window_us: i64,
+    honor_accept_ack_type: bool,
     ack_ids: AckIds,
 }
 
@@ -175,12 +176,13 @@ pub struct Submitted {
 
 impl Ingest {
     /// Ingest writing to `journal`.
-    pub fn new(journal: Journal, metrics: Arc<Metrics>, default_charset: Charset, duplicate_window: std::time::Duration) -> Ingest {
+    pub fn new(journal: Journal, metrics: Arc<Metrics>, settings: &super::Settings) -> Ingest {
         Ingest {
             journal,
             metrics,
-            default_charset,
-            duplicate_window_us: duplicate_window.as_micros().min(i64::MAX as u128) as i64,
+            default_charset: settings.default_charset,
+            duplicate_window_us: settings.duplicate_window.as_micros().min(i64::MAX as u128) as i64,
+            honor_accept_ack_type: settings.honor_accept_ack_type,
             ack_ids: AckIds::new(),
         }
     }
@@ -212,7 +214,7 @@ impl Ingest {
         self.metrics.messages_received.get_or_create(&labels).inc();
 
         let ack_code = examined.outcome.code(header);
-        let ack = if ack::should_send(header, &examined.outcome) {
+        let ack = if ack::should_send(header, &examined.outcome, self.honor_accept_ack_type) {
             let text = ack::build_ack(header, &examined.outcome, &self.ack_ids.next(), &hl7_timestamp());
             examined.charset.encode(&text)
         } else {
@@ -281,7 +283,7 @@ impl Ingest {
                 let outcome = AckOutcome::Rejected(detail);
                 let code = outcome.code(header);
                 self.count_refusal(&labels, code);
-                if !ack::should_send(header, &outcome) {
+                if !ack::should_send(header, &outcome, self.honor_accept_ack_type) {
                     return None;
                 }
                 let text = ack::build_ack(header, &outcome, &self.ack_ids.next(), &hl7_timestamp());

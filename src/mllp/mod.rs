@@ -51,6 +51,11 @@ pub struct Config {
     /// 0 disables duplicate detection.
     #[serde(default = "default_duplicate_window_secs")]
     pub duplicate_window_secs: u64,
+    /// In enhanced mode, follow MSH-15 and send no accept acknowledgment when it says NE
+    /// (or ER/SU and the outcome does not match). Off by default, as in Mirth Connect:
+    /// most senders wait for an answer whatever MSH-15 says.
+    #[serde(default)]
+    pub honor_accept_ack_type: bool,
     /// TLS for the listener; absent means plain TCP.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
@@ -104,6 +109,7 @@ impl Default for Config {
             idle_timeout_secs: default_idle_timeout_secs(),
             default_charset: default_charset(),
             duplicate_window_secs: default_duplicate_window_secs(),
+            honor_accept_ack_type: false,
             tls: None,
         }
     }
@@ -124,6 +130,8 @@ pub struct Settings {
     pub default_charset: Charset,
     /// Duplicate window.
     pub duplicate_window: Duration,
+    /// Follow MSH-15 in enhanced mode.
+    pub honor_accept_ack_type: bool,
     /// TLS, when configured.
     pub tls: Option<TlsConfig>,
 }
@@ -156,6 +164,7 @@ impl Config {
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             default_charset,
             duplicate_window: Duration::from_secs(self.duplicate_window_secs),
+            honor_accept_ack_type: self.honor_accept_ack_type,
             tls: self.tls.clone(),
         })
     }
