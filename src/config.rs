@@ -45,7 +45,12 @@ fn default_data_dir() -> PathBuf {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { version: VERSION, data_dir: default_data_dir(), mllp: mllp::Config::default(), http: http::Config::default() }
+        Config {
+            version: VERSION,
+            data_dir: default_data_dir(),
+            mllp: mllp::Config::default(),
+            http: http::Config::default(),
+        }
     }
 }
 
@@ -111,9 +116,9 @@ pub fn load(
     overrides: &Overrides,
 ) -> Result<Config, Error> {
     let text = match path {
-        Some(path) => Some(
-            std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?,
-        ),
+        Some(path) => {
+            Some(std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.to_path_buf(), source })?)
+        }
         None => None,
     };
     let origin = path.map_or_else(|| "defaults".to_string(), |path| path.display().to_string());
@@ -162,9 +167,9 @@ pub fn load(
 /// Sets the key named by `HL7GW_SECTION__KEY` in the YAML tree. The value is read as a
 /// YAML scalar, so numbers and booleans keep their type.
 fn apply_environment(tree: &mut Value, variable: &str, value: &str) -> Result<(), Error> {
-    let environment_error = |reason: &str| Error::Environment { variable: variable.to_string(), reason: reason.to_string() };
-    let path: Vec<String> =
-        variable[ENV_PREFIX.len()..].split("__").map(|part| part.to_ascii_lowercase()).collect();
+    let environment_error =
+        |reason: &str| Error::Environment { variable: variable.to_string(), reason: reason.to_string() };
+    let path: Vec<String> = variable[ENV_PREFIX.len()..].split("__").map(|part| part.to_ascii_lowercase()).collect();
     if path.iter().any(String::is_empty) {
         return Err(environment_error("expected HL7GW_<SECTION>__<KEY>, e.g. HL7GW_MLLP__LISTEN"));
     }

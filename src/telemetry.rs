@@ -42,8 +42,7 @@ pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colours);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colours);
     // A second installation (tests) is not an error worth stopping for.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -203,7 +202,10 @@ mod tests {
         let labels = metrics.message_labels("ADT^A01", "EPIC^HOSP");
         metrics.messages_received.get_or_create(&labels).inc();
         let text = metrics.encode();
-        assert!(text.contains("hl7gw_mllp_messages_received_total{message_type=\"ADT^A01\",sender=\"EPIC^HOSP\"} 1"), "{text}");
+        assert!(
+            text.contains("hl7gw_mllp_messages_received_total{message_type=\"ADT^A01\",sender=\"EPIC^HOSP\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("# TYPE hl7gw_mllp_ack_latency_seconds histogram"));
     }
 

@@ -30,7 +30,9 @@ pub async fn get(url: &str, timeout: Duration) -> anyhow::Result<Response> {
     };
     let exchange = async {
         let mut stream = TcpStream::connect(authority).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: application/json\r\n\r\n");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: application/json\r\n\r\n"
+        );
         stream.write_all(request.as_bytes()).await?;
         let mut raw = Vec::new();
         stream.take(MAX_RESPONSE_BYTES).read_to_end(&mut raw).await?;

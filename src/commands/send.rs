@@ -100,7 +100,8 @@ mod tests {
 
     #[test]
     fn reason_prefers_err_7() {
-        let ack = "MSH|^~\\&|A\rMSA|AE|1\rERR||PID^1^5|102^Data type error^HL70357|E|||byte offset 9 is not valid ASCII\r";
+        let ack =
+            "MSH|^~\\&|A\rMSA|AE|1\rERR||PID^1^5|102^Data type error^HL70357|E|||byte offset 9 is not valid ASCII\r";
         assert_eq!(reason(ack, AckCode::AE), "byte offset 9 is not valid ASCII");
         let legacy = "MSH|^~\\&|A\rMSA|AR|1|too big\rERR|MSH^1^0^207&Application internal error&HL70357\r";
         assert_eq!(reason(legacy, AckCode::AR), "too big");

@@ -291,10 +291,7 @@ mod tests {
     #[test]
     fn original_mode_accept_swaps_sender_and_receiver() {
         let ack = build_ack(&header(V251), &AckOutcome::Accepted, "ACK1", "20240102030405+0000");
-        assert_eq!(
-            ack,
-            "MSH|^~\\&|GW|CENTRAL|EPIC|HOSP|20240102030405+0000||ACK^A01^ACK|ACK1|P|2.5.1\rMSA|AA|MSG1\r"
-        );
+        assert_eq!(ack, "MSH|^~\\&|GW|CENTRAL|EPIC|HOSP|20240102030405+0000||ACK^A01^ACK|ACK1|P|2.5.1\rMSA|AA|MSG1\r");
         assert_eq!(read_ack(&ack), Some((AckCode::AA, "MSG1".to_string())));
     }
 

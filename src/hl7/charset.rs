@@ -131,9 +131,7 @@ impl Charset {
 /// first malformed byte.
 fn decode_with(encoding: &'static Encoding, raw: &[u8]) -> Result<String, usize> {
     let mut decoder = encoding.new_decoder_without_bom_handling();
-    let capacity = decoder
-        .max_utf8_buffer_length_without_replacement(raw.len())
-        .unwrap_or(raw.len().saturating_mul(3));
+    let capacity = decoder.max_utf8_buffer_length_without_replacement(raw.len()).unwrap_or(raw.len().saturating_mul(3));
     let mut text = String::with_capacity(capacity);
     let (result, read) = decoder.decode_to_string_without_replacement(raw, &mut text, true);
     match result {
@@ -201,10 +199,8 @@ impl std::error::Error for DecodeError {}
 pub fn declared_charset(raw: &[u8]) -> Option<String> {
     let start = find_msh(raw)?;
     let field_separator = *raw.get(start + 3)?;
-    let segment_end = raw[start..]
-        .iter()
-        .position(|&byte| byte == b'\r' || byte == b'\n')
-        .map_or(raw.len(), |length| start + length);
+    let segment_end =
+        raw[start..].iter().position(|&byte| byte == b'\r' || byte == b'\n').map_or(raw.len(), |length| start + length);
     let segment = &raw[start..segment_end];
     // Field 1 is the separator itself, so MSH-18 is the 17th piece after "MSH".
     let value = segment.split(|&byte| byte == field_separator).nth(17)?;

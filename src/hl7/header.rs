@@ -64,9 +64,7 @@ impl Separators {
     fn are_distinct(&self) -> bool {
         let all = [self.field, self.component, self.repetition, self.escape, self.subcomponent];
         all.iter().enumerate().all(|(index, first)| {
-            !first.is_alphanumeric()
-                && !first.is_whitespace()
-                && all[index + 1..].iter().all(|second| second != first)
+            !first.is_alphanumeric() && !first.is_whitespace() && all[index + 1..].iter().all(|second| second != first)
         })
     }
 }
@@ -167,8 +165,9 @@ impl Header {
             return Err(ErrorDetail::new(101, "MSH-9 message type is missing").at(ErrorLocation::field("MSH", 9)));
         }
         if self.control_id.trim().is_empty() {
-            return Err(ErrorDetail::new(101, "MSH-10 message control id is missing")
-                .at(ErrorLocation::field("MSH", 10)));
+            return Err(
+                ErrorDetail::new(101, "MSH-10 message control id is missing").at(ErrorLocation::field("MSH", 10))
+            );
         }
         if !self.version.is_empty() && !SUPPORTED_VERSIONS.contains(&self.version.as_str()) {
             return Err(ErrorDetail::new(203, "MSH-12 version is not supported").at(ErrorLocation::field("MSH", 12)));

@@ -55,15 +55,13 @@ fn lines(file: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
         let end = rest.iter().position(|&byte| matches!(byte, b'\n' | b'\r' | 0x1C)).unwrap_or(rest.len());
         let line = &rest[..end];
         let mut next = end;
-        if rest.get(end) == Some(&0x1C) {
+        if rest.get(next) == Some(&0x1C) {
             next += 1;
         }
         if rest.get(next) == Some(&b'\r') {
             next += 1;
         }
         if rest.get(next) == Some(&b'\n') {
-            next += 1;
-        } else if next == end && end < rest.len() {
             next += 1;
         }
         rest = &rest[next.min(rest.len())..];
@@ -106,7 +104,8 @@ mod tests {
 
     #[test]
     fn strips_mllp_framing_bom_and_batch_wrappers() {
-        let file = b"\xef\xbb\xbfFHS|^~\\&\rBHS|^~\\&\r\x0bMSH|^~\\&|A\rPID|1\r\x1c\r\x0bMSH|^~\\&|B\r\x1c\rBTS|2\rFTS|1";
+        let file =
+            b"\xef\xbb\xbfFHS|^~\\&\rBHS|^~\\&\r\x0bMSH|^~\\&|A\rPID|1\r\x1c\r\x0bMSH|^~\\&|B\r\x1c\rBTS|2\rFTS|1";
         let messages = split_messages(file);
         assert_eq!(messages.len(), 2);
         assert_eq!(messages[0].bytes, b"MSH|^~\\&|A\rPID|1\r");

@@ -94,10 +94,7 @@ impl Client {
             None => Box::new(tcp),
             Some(client_tls) => {
                 let config = tls::client_config(client_tls)?;
-                let host = options
-                    .server_name
-                    .clone()
-                    .unwrap_or_else(|| host_part(&options.address).to_string());
+                let host = options.server_name.clone().unwrap_or_else(|| host_part(&options.address).to_string());
                 let server_name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|_| connect_error(format!("`{host}` is not a valid TLS server name")))?;
                 let connector = TlsConnector::from(config);
@@ -109,7 +106,12 @@ impl Client {
                 Box::new(tls_stream)
             }
         };
-        Ok(Client { stream, decoder: Decoder::new(MAX_ACK_BYTES), buffer: BytesMut::new(), ack_timeout: options.ack_timeout })
+        Ok(Client {
+            stream,
+            decoder: Decoder::new(MAX_ACK_BYTES),
+            buffer: BytesMut::new(),
+            ack_timeout: options.ack_timeout,
+        })
     }
 
     /// Sends one message (unframed bytes) and returns the acknowledgment payload.

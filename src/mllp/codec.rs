@@ -174,7 +174,11 @@ mod tests {
             let mut frames = decode_all(&mut decoder, &mut buffer);
             buffer.extend_from_slice(&stream[split..]);
             frames.extend(decode_all(&mut decoder, &mut buffer));
-            assert_eq!(frames, vec![Bytes::from_static(b"MSH|first\r"), Bytes::from_static(b"MSH|second")], "split at {split}");
+            assert_eq!(
+                frames,
+                vec![Bytes::from_static(b"MSH|first\r"), Bytes::from_static(b"MSH|second")],
+                "split at {split}"
+            );
         }
     }
 

@@ -51,7 +51,8 @@ pub fn examine(raw: &[u8], default_charset: Charset) -> Examined {
         }
     };
     let Some(header) = Header::scan(&text) else {
-        let detail = ErrorDetail::new(100, "message does not start with an MSH segment").at(ErrorLocation::field("MSH", 0));
+        let detail =
+            ErrorDetail::new(100, "message does not start with an MSH segment").at(ErrorLocation::field("MSH", 0));
         return Examined { header: Header::default(), charset, outcome: AckOutcome::Rejected(detail) };
     };
     if let Err(detail) = header.check() {
@@ -76,7 +77,8 @@ fn structure_problem(text: &str) -> Option<ErrorDetail> {
         Ok(_) => None,
         Err(hl7_parser::parser::ParseError::FailedToParse { position, .. }) => {
             let location = locate(trimmed.as_bytes(), position);
-            let diagnostic = format!("message structure is invalid in segment {} near field {}", location.segment, location.field);
+            let diagnostic =
+                format!("message structure is invalid in segment {} near field {}", location.segment, location.field);
             Some(ErrorDetail::new(100, diagnostic).at(location))
         }
         Err(hl7_parser::parser::ParseError::IncompleteInput(_)) => {
@@ -88,15 +90,15 @@ fn structure_problem(text: &str) -> Option<ErrorDetail> {
 /// Finds the segment, its occurrence and the field that hold byte `offset` of a message.
 pub fn locate(raw: &[u8], offset: usize) -> ErrorLocation {
     let offset = offset.min(raw.len());
-    let segment_start = raw[..offset].iter().rposition(|&byte| byte == b'\r' || byte == b'\n').map_or(0, |index| index + 1);
+    let segment_start =
+        raw[..offset].iter().rposition(|&byte| byte == b'\r' || byte == b'\n').map_or(0, |index| index + 1);
     let segment = &raw[segment_start..];
     let name_length = segment.iter().take(3).take_while(|byte| byte.is_ascii_alphanumeric()).count();
     let name = String::from_utf8_lossy(&segment[..name_length]).into_owned();
     let field_separator =
         raw.windows(3).position(|window| window == b"MSH").and_then(|start| raw.get(start + 3).copied());
-    let separators_before = field_separator.map_or(0, |separator| {
-        raw[segment_start..offset].iter().filter(|&&byte| byte == separator).count()
-    });
+    let separators_before = field_separator
+        .map_or(0, |separator| raw[segment_start..offset].iter().filter(|&&byte| byte == separator).count());
     // In MSH the field separator is MSH-1, so MSH fields are numbered one higher.
     let field = if name == "MSH" { separators_before + 1 } else { separators_before } as u32;
     let sequence = raw[..segment_start]

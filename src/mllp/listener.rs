@@ -135,7 +135,12 @@ where
             answer(&mut stream, peer, context, &mut frames).await?;
         }
         if let Some(oversize) = oversize {
-            tracing::warn!(peer, received_bytes = oversize.received_bytes, limit = settings.max_frame_bytes, "mllp frame too large; answering AR and closing");
+            tracing::warn!(
+                peer,
+                received_bytes = oversize.received_bytes,
+                limit = settings.max_frame_bytes,
+                "mllp frame too large; answering AR and closing"
+            );
             if let Some(ack) = context.ingest.refuse_oversize(peer, oversize, settings.max_frame_bytes).await {
                 stream.write_all(&codec::encode(&ack)).await?;
                 stream.flush().await?;
@@ -161,7 +166,11 @@ where
             }
             Ok(Ok(0)) => {
                 if decoder.in_frame(&buffer) {
-                    tracing::warn!(peer, buffered_bytes = buffer.len(), "mllp peer closed inside a frame; the partial message was not acknowledged");
+                    tracing::warn!(
+                        peer,
+                        buffered_bytes = buffer.len(),
+                        "mllp peer closed inside a frame; the partial message was not acknowledged"
+                    );
                 }
                 return Ok(());
             }

@@ -49,15 +49,14 @@ pub fn load_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, Er
 
 /// Reads the private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
 pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    PrivateKeyDer::from_pem_file(path).map_err(|error| Error::Pem { path: path.to_path_buf(), reason: error.to_string() })
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|error| Error::Pem { path: path.to_path_buf(), reason: error.to_string() })
 }
 
 fn root_store(path: &Path) -> Result<RootCertStore, Error> {
     let mut roots = RootCertStore::empty();
     for certificate in load_certificates(path)? {
-        roots
-            .add(certificate)
-            .map_err(|error| Error::Pem { path: path.to_path_buf(), reason: error.to_string() })?;
+        roots.add(certificate).map_err(|error| Error::Pem { path: path.to_path_buf(), reason: error.to_string() })?;
     }
     Ok(roots)
 }
