@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Durable MLLP ingest benchmark: the gateway (every message fsynced before its ACK) side by
+# side with simple-hl7 (Node.js, stores nothing) and a raw ACK server (the load generator's
+# own ceiling), all measured in one run with ../shared/bench/loadgen.py.
+#
+# Each connection sends a ~1.2 KiB ADT^A01 and waits for its ACK before the next (window 1).
+# Runs: 1 connection x 5,000 messages and 8 connections x 20,000 messages, 3 repeats each;
+# medians are printed as a Markdown table for BENCHMARKS.md.
+#
+# Usage: benches/mllp_ingest.sh            (needs ../shared/bench; loopback only)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+shared=${SHARED_DIR:-$root/../shared}
+bench="$shared/bench"
+[ -f "$bench/loadgen.py" ] || { echo "no $bench/loadgen.py: this benchmark needs ../shared" >&2; exit 2; }
+
+venv=${BENCH_VENV:-/tmp/bench-venv}
+node_dir=${NODE_MLLP_DIR:-/tmp/node-mllp}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -c 'import uvloop' 2>/dev/null || "$venv/bin/pip" install -q uvloop==0.23.0
+if [ ! -d "$node_dir/node_modules/simple-hl7" ]; then
+  mkdir -p "$node_dir"
+  (cd "$node_dir" && npm init -y >/dev/null && npm install --silent simple-hl7@3.3.0 >/dev/null)
+fi
+
+(cd "$root" && cargo build --release --quiet)
+data=$(mktemp -d)
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$data"; }
+trap cleanup EXIT
+
+"$root/target/release/hl7-fhir-gateway" serve --data-dir "$data" \
+  --mllp-listen 127.0.0.1:6610 --http-listen 127.0.0.1:6611 2>"$data/gateway.log" &
+pids+=($!)
+NODE_MLLP_DIR="$node_dir" node "$bench/simple_hl7_server.js" 6602 900 >/dev/null 2>&1 &
+pids+=($!)
+"$venv/bin/python" "$bench/raw_ack_server.py" --port 6600 --max-seconds 900 --uvloop >/dev/null 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do
+  "$root/target/release/hl7-fhir-gateway" health --http http://127.0.0.1:6611 2>/dev/null && break
+  sleep 0.2
+done
+sleep 1
+
+results="$data/results.jsonl"
+run() { # label port connections total
+  "$venv/bin/python" "$bench/loadgen.py" --uvloop --port "$2" -c "$3" -n "$4" --repeat 3 --json \
+    --message-file "$root/benches/adt_a01_1k.hl7" --label "$1" | grep summary >>"$results"
+}
+for spec in "raw-ack 6600" "simple-hl7 6602" "gateway 6610"; do
+  set -- $spec
+  run "$1" "$2" 1 5000
+  run "$1" "$2" 8 20000
+done
+
+echo "stored in the gateway's journal: $(sqlite3 "$data/gateway.db" 'select count(*) from messages' 2>/dev/null || echo '?') rows"
+"$venv/bin/python" - "$results" <<'PY'
+import json, sys
+rows = [json.loads(line)["summary"] for line in open(sys.argv[1])]
+by = {(r["label"], r["connections"]): r for r in rows}
+print("| server | connections | msg/s (median of 3) | ACK p50 ms | ACK p99 ms | errors |")
+print("|---|---|---|---|---|---|")
+for r in rows:
+    print(f"| {r['label']} | {r['connections']} | {r['median_msgs_per_s']:,.0f} | {r['median_p50_ms']} | {r['median_p99_ms']} | {'yes' if r['errors_any'] else 'none'} |")
+for c in (1, 8):
+    g, n = by.get(("gateway", c)), by.get(("simple-hl7", c))
+    if g and n:
+        print(f"\ngateway / simple-hl7 at {c} connection(s): {g['median_msgs_per_s'] / n['median_msgs_per_s']:.2f}")
+PY
