@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use serde_norway::{Mapping, Value};
+use serde_json::{Map, Value};
 
 use crate::setting::Invalid;
 use crate::{http, mllp};
@@ -124,7 +124,7 @@ pub fn load(
     let origin = path.map_or_else(|| "defaults".to_string(), |path| path.display().to_string());
     // Parse the file on its own first, so that its errors carry line and column.
     let mut config = match &text {
-        Some(text) => serde_norway::from_str::<Config>(text)
+        Some(text) => serde_saphyr::from_str::<Config>(text)
             .map_err(|error| Error::Parse { origin: origin.clone(), message: error.to_string() })?,
         None => Config::default(),
     };
@@ -136,17 +136,17 @@ pub fn load(
     variables.sort();
     if !variables.is_empty() {
         let mut tree = match &text {
-            Some(text) => serde_norway::from_str::<Value>(text)
+            Some(text) => serde_saphyr::from_str::<Value>(text)
                 .map_err(|error| Error::Parse { origin: origin.clone(), message: error.to_string() })?,
-            None => Value::Mapping(Mapping::from_iter([(Value::from("version"), Value::from(VERSION))])),
+            None => Value::Object(Map::from_iter([("version".to_string(), Value::from(VERSION))])),
         };
         if tree.is_null() {
-            tree = Value::Mapping(Mapping::new());
+            tree = Value::Object(Map::new());
         }
         for (variable, value) in &variables {
             apply_environment(&mut tree, variable, value)?;
         }
-        config = serde_norway::from_value::<Config>(tree).map_err(|error| Error::Parse {
+        config = serde_json::from_value::<Config>(tree).map_err(|error| Error::Parse {
             origin: format!("{origin} with {ENV_PREFIX} environment overrides"),
             message: error.to_string(),
         })?;
@@ -173,23 +173,22 @@ fn apply_environment(tree: &mut Value, variable: &str, value: &str) -> Result<()
     if path.iter().any(String::is_empty) {
         return Err(environment_error("expected HL7GW_<SECTION>__<KEY>, e.g. HL7GW_MLLP__LISTEN"));
     }
-    let parsed = match serde_norway::from_str::<Value>(value) {
-        Ok(Value::Mapping(_)) | Ok(Value::Sequence(_)) | Err(_) => Value::String(value.to_string()),
+    let parsed = match serde_saphyr::from_str::<Value>(value) {
+        Ok(Value::Object(_)) | Ok(Value::Array(_)) | Ok(Value::Null) | Err(_) => Value::String(value.to_string()),
         Ok(scalar) => scalar,
     };
     let mut node = tree;
     for (index, key) in path.iter().enumerate() {
-        let Value::Mapping(mapping) = node else {
+        let Value::Object(mapping) = node else {
             return Err(environment_error("a parent of this key is not a section"));
         };
-        let key_value = Value::String(key.clone());
         if index == path.len() - 1 {
-            mapping.insert(key_value, parsed);
+            mapping.insert(key.clone(), parsed);
             return Ok(());
         }
-        node = mapping.entry(key_value).or_insert_with(|| Value::Mapping(Mapping::new()));
+        node = mapping.entry(key.clone()).or_insert_with(|| Value::Object(Map::new()));
         if node.is_null() {
-            *node = Value::Mapping(Mapping::new());
+            *node = Value::Object(Map::new());
         }
     }
     Ok(())

@@ -11,6 +11,8 @@
 //! - [`mllp`]: framing codec, ingest verdicts, listener, TLS, client.
 //! - [`journal`]: durable inbound log with group commit and duplicate detection.
 //! - [`db`]: SQLite opening, durability pragmas, migrations.
+//! - [`mapping`]: the declarative v2 → FHIR R4 mapping engine. Pure, imports `hl7` and `fhir`.
+//! - [`fhir`]: deterministic ids, R4 validation. A leaf.
 //! - [`http`]: health and metrics endpoints.
 //! - [`config`], [`setting`]: the YAML file, env overrides, validation.
 //! - [`telemetry`]: tracing set-up and every metric.
@@ -21,9 +23,11 @@
 pub mod commands;
 pub mod config;
 pub mod db;
+pub mod fhir;
 pub mod hl7;
 pub mod http;
 pub mod journal;
+pub mod mapping;
 pub mod mllp;
 pub mod server;
 pub mod setting;

@@ -131,7 +131,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn send_files(args: SendArgs) -> anyhow::Result<ExitCode> {
-    let tls = args.tls.then_some(ClientTls { ca_file: args.ca_file, cert_file: args.cert_file, key_file: args.key_file });
+    let tls =
+        args.tls.then_some(ClientTls { ca_file: args.ca_file, cert_file: args.cert_file, key_file: args.key_file });
     let options = Options {
         address: args.to,
         tls,

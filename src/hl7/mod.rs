@@ -14,6 +14,7 @@
 pub mod ack;
 pub mod charset;
 pub mod header;
+pub mod message;
 pub mod split;
 
 pub use ack::{AckCode, AckOutcome, ErrorDetail, ErrorLocation};

@@ -26,6 +26,10 @@ use super::ingest::Ingest;
 use super::Settings;
 use crate::telemetry::Metrics;
 
+/// How long a connection holding no partial frame waits, once shutdown has begun, for
+/// bytes already sent to it before it closes.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Everything a connection needs.
 pub struct Context {
     /// Validated `mllp` settings.
@@ -150,8 +154,16 @@ where
         }
         let in_frame = decoder.in_frame(&buffer);
         if shutdown.is_cancelled() && !in_frame {
-            let _ = stream.shutdown().await;
-            return Ok(());
+            // Bytes the peer sent before shutdown began may not have been read yet (the
+            // cancellation can win the race against the socket's readiness): give them a
+            // moment to arrive and answer them before closing.
+            match tokio::time::timeout(SHUTDOWN_DRAIN, stream.read_buf(&mut buffer)).await {
+                Ok(Ok(read)) if read > 0 => continue,
+                _ => {
+                    let _ = stream.shutdown().await;
+                    return Ok(());
+                }
+            }
         }
         let read = tokio::select! {
             _ = shutdown.cancelled(), if !in_frame => continue,
