@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::setting::Invalid;
-use crate::{http, mllp};
+use crate::{http, mapping, mllp};
 
 /// The only configuration format version this build reads.
 pub const VERSION: u32 = 1;
@@ -37,6 +37,9 @@ pub struct Config {
     /// HTTP server (health, metrics, FHIR API).
     #[serde(default)]
     pub http: http::Config,
+    /// Mapping files and time zone.
+    #[serde(default)]
+    pub mappings: mapping::Config,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -50,6 +53,7 @@ impl Default for Config {
             data_dir: default_data_dir(),
             mllp: mllp::Config::default(),
             http: http::Config::default(),
+            mappings: mapping::Config::default(),
         }
     }
 }
@@ -63,6 +67,8 @@ pub struct Settings {
     pub mllp: mllp::Settings,
     /// HTTP settings.
     pub http: http::Settings,
+    /// Where mappings come from.
+    pub mappings: mapping::Sources,
 }
 
 /// Why a configuration could not be loaded.
@@ -106,6 +112,8 @@ pub struct Overrides {
     pub mllp_listen: Option<String>,
     /// `--http-listen`.
     pub http_listen: Option<String>,
+    /// `--mappings`.
+    pub mappings_dir: Option<PathBuf>,
 }
 
 /// Loads the file (or the embedded defaults), applies environment overrides from
@@ -161,6 +169,9 @@ pub fn load(
     if let Some(listen) = &overrides.http_listen {
         config.http.listen = listen.clone();
     }
+    if let Some(folder) = &overrides.mappings_dir {
+        config.mappings.dir = Some(folder.clone());
+    }
     Ok(config)
 }
 
@@ -203,7 +214,12 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(Invalid::new("data_dir", "must not be empty"));
         }
-        Ok(Settings { data_dir: self.data_dir.clone(), mllp: self.mllp.validate()?, http: self.http.validate()? })
+        Ok(Settings {
+            data_dir: self.data_dir.clone(),
+            mllp: self.mllp.validate()?,
+            http: self.http.validate()?,
+            mappings: self.mappings.validate()?,
+        })
     }
 }
 

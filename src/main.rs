@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use hl7_fhir_gateway::commands::{health, send};
+use hl7_fhir_gateway::commands::{convert, health, send};
 use hl7_fhir_gateway::config::{self, Overrides};
+use hl7_fhir_gateway::mapping::{Engine, Sources};
 use hl7_fhir_gateway::mllp::client::Options;
 use hl7_fhir_gateway::mllp::tls::ClientTls;
 use hl7_fhir_gateway::server::{termination_signal, Gateway};
@@ -28,6 +29,33 @@ enum Command {
     Send(SendArgs),
     /// Exit 0 when a running gateway reports ready (for container health checks).
     Health(HealthArgs),
+    /// Convert the messages of files to FHIR R4 transaction Bundles (JSON lines on stdout).
+    Convert(ConvertArgs),
+    /// Compile the mapping files and report every error with file, line and reason.
+    CheckMappings(CheckMappingsArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Site folder of mapping files, applied over the built-in mappings.
+    #[arg(long)]
+    mappings: Option<PathBuf>,
+    /// IANA time zone of timestamps without offset (for senders whose overlay names none).
+    #[arg(long, default_value = "UTC")]
+    sender_timezone: String,
+    /// Print each message's conversion report (unused fields, failed rules, vocabulary
+    /// misses) on stderr.
+    #[arg(long)]
+    report: bool,
+    /// Files with one or more messages (CR, LF or CRLF; MLLP-framed or not).
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct CheckMappingsArgs {
+    /// Site folder to check together with the built-in mappings.
+    dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -44,6 +72,9 @@ struct ServeArgs {
     /// HTTP listen address (overrides `http.listen`).
     #[arg(long)]
     http_listen: Option<String>,
+    /// Site folder of mapping files (overrides `mappings.dir`).
+    #[arg(long)]
+    mappings: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -102,6 +133,8 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Send(args) => send_files(args).await,
             Command::Health(args) => check_health(args).await,
+            Command::Convert(args) => convert_files(args),
+            Command::CheckMappings(args) => check_mappings(args),
         }
     });
     match result {
@@ -119,9 +152,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     if args.log_phi {
         tracing::warn!("--log-phi is set: message payloads will be written to the debug log");
     }
-    let overrides = Overrides { data_dir: args.data_dir, mllp_listen: args.mllp_listen, http_listen: args.http_listen };
+    let overrides = Overrides {
+        data_dir: args.data_dir,
+        mllp_listen: args.mllp_listen,
+        http_listen: args.http_listen,
+        mappings_dir: args.mappings,
+    };
     let loaded = config::load(args.config.as_deref(), std::env::vars(), &overrides)?;
     let settings = loaded.validate()?;
+    let engine = load_mappings(&settings.mappings)?;
+    tracing::info!(
+        message_maps = engine.message_map_count(),
+        sender_overlays = engine.overlays().len(),
+        "mappings compiled"
+    );
     let gateway = Gateway::start(settings).await?;
     termination_signal().await;
     tracing::info!("shutdown requested; answering in-flight messages");
@@ -143,6 +187,47 @@ async fn send_files(args: SendArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let summary = send::run(&args.files, &options, &mut stdout).await?;
     Ok(if summary.not_accepted == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn load_mappings(sources: &Sources) -> anyhow::Result<Engine> {
+    Engine::load(sources).map_err(|errors| {
+        let listing: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("{} mapping error(s):\n{}", errors.len(), listing.join("\n"))
+    })
+}
+
+fn convert_files(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let sources = Sources {
+        without_builtin: false,
+        folders: args.mappings.into_iter().collect(),
+        default_timezone: Some(args.sender_timezone),
+    };
+    let engine = load_mappings(&sources)?;
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    let summary = convert::run(&engine, &args.files, args.report, &mut stdout, &mut stderr)?;
+    if summary.failed > 0 {
+        eprintln!("{} converted, {} failed", summary.converted, summary.failed);
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_mappings(args: CheckMappingsArgs) -> anyhow::Result<ExitCode> {
+    let sources = Sources { without_builtin: false, folders: args.dir.into_iter().collect(), default_timezone: None };
+    match Engine::load(&sources) {
+        Ok(engine) => {
+            println!("ok: {} message maps, {} sender overlays", engine.message_map_count(), engine.overlays().len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for error in &errors {
+                eprintln!("{error}");
+            }
+            eprintln!("{} error(s)", errors.len());
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 async fn check_health(args: HealthArgs) -> anyhow::Result<ExitCode> {

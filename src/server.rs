@@ -88,9 +88,15 @@ impl Gateway {
         let ingest = Ingest::new(journal, metrics.clone(), &settings.mllp);
         let context = Arc::new(Context { settings: settings.mllp.clone(), ingest, metrics: metrics.clone(), tls });
         let shutdown = CancellationToken::new();
+        let force = CancellationToken::new();
         let connections = TaskTracker::new();
-        let accept_loop =
-            tokio::spawn(listener::run(mllp_listener, context.clone(), shutdown.clone(), connections.clone()));
+        let accept_loop = tokio::spawn(listener::run(
+            mllp_listener,
+            context.clone(),
+            shutdown.clone(),
+            force.clone(),
+            connections.clone(),
+        ));
 
         let readiness = Arc::new(GatewayReadiness { context: Arc::downgrade(&context), shutdown: shutdown.clone() });
         let router = http::router(http::AppState { metrics: metrics.clone(), readiness });
@@ -112,6 +118,8 @@ impl Gateway {
             connections.close();
             if tokio::time::timeout(SHUTDOWN_GRACE, connections.wait()).await.is_err() {
                 tracing::warn!("mllp connections still open after the grace period; closing them");
+                force.cancel();
+                connections.wait().await;
             }
             // Dropping the last journal handle lets the writer commit its queue and stop.
             drop(context);

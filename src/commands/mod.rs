@@ -1,4 +1,6 @@
-//! The client-side commands: `send` and `health`. (`serve` is wiring and lives in `main`.)
+//! The commands beyond `serve` (which is wiring and lives in `main`): `send`, `health`,
+//! `convert`.
 
+pub mod convert;
 pub mod health;
 pub mod send;

@@ -195,7 +195,9 @@ impl<'a> Run<'a> {
         for (segment_index, segment) in self.message.segments.iter().enumerate() {
             for (field_index, field) in segment.fields.iter().enumerate() {
                 let field_number = field_index + 1;
-                if segment.name == "MSH" && field_number <= 2 {
+                // MSH-1/2 are delimiters; MSH-3, 4, 7, 9, 10 and 12 feed routing, the Bundle
+                // and the Provenance.
+                if segment.name == "MSH" && [1, 2, 3, 4, 7, 9, 10, 12].contains(&field_number) {
                     continue;
                 }
                 let has_data = field.iter().flatten().flatten().any(|leaf| !leaf.trim().is_empty());

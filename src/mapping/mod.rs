@@ -36,6 +36,38 @@ pub use report::Report;
 /// The time zone used when neither an overlay nor the caller names one.
 pub const DEFAULT_TIMEZONE: &str = "UTC";
 
+/// The `mappings` section of the configuration file.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Site folder of mapping files (messages/, segments/, datatypes/, vocab/, senders/),
+    /// applied over the built-in mappings.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// IANA time zone of timestamps without offset, for senders whose overlay names none.
+    #[serde(default)]
+    pub default_timezone: Option<String>,
+}
+
+impl Config {
+    /// Checks the section without reading the folder.
+    pub fn validate(&self) -> Result<Sources, crate::setting::Invalid> {
+        if let Some(zone) = &self.default_timezone {
+            if jiff::tz::TimeZone::get(zone).is_err() {
+                return Err(crate::setting::Invalid::new(
+                    "mappings.default_timezone",
+                    format!("`{zone}` is not an IANA time zone (e.g. America/Chicago)"),
+                ));
+            }
+        }
+        Ok(Sources {
+            without_builtin: false,
+            folders: self.dir.iter().cloned().collect(),
+            default_timezone: self.default_timezone.clone(),
+        })
+    }
+}
+
 /// Why a message could not be converted.
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {

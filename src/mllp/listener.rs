@@ -44,7 +44,13 @@ pub struct Context {
 
 /// Accepts connections until `shutdown` is cancelled. Connection tasks are spawned on
 /// `tracker`, so the caller can wait for them to finish.
-pub async fn run(listener: TcpListener, context: Arc<Context>, shutdown: CancellationToken, tracker: TaskTracker) {
+pub async fn run(
+    listener: TcpListener,
+    context: Arc<Context>,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+    tracker: TaskTracker,
+) {
     let slots = Arc::new(Semaphore::new(context.settings.max_connections));
     loop {
         let accepted = tokio::select! {
@@ -68,19 +74,28 @@ pub async fn run(listener: TcpListener, context: Arc<Context>, shutdown: Cancell
         };
         let _ = stream.set_nodelay(true);
         let context = context.clone();
-        let shutdown = shutdown.clone();
+        let signals = Signals { shutdown: shutdown.clone(), force: force.clone() };
         tracker.spawn(async move {
-            serve_connection(stream, peer, context, shutdown, permit).await;
+            serve_connection(stream, peer, context, signals, permit).await;
         });
     }
     tracing::info!("mllp listener stopped accepting");
+}
+
+/// The two stages of shutdown, as a connection sees them.
+#[derive(Clone)]
+struct Signals {
+    /// Stop taking new frames once the ones received are answered.
+    shutdown: CancellationToken,
+    /// Close now, whatever is in flight (the grace period is over).
+    force: CancellationToken,
 }
 
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     context: Arc<Context>,
-    shutdown: CancellationToken,
+    signals: Signals,
     _permit: OwnedSemaphorePermit,
 ) {
     context.metrics.open_connections.inc();
@@ -90,7 +105,7 @@ async fn serve_connection(
         (Some(acceptor), Some(tls)) => {
             let timeout = std::time::Duration::from_secs(tls.handshake_timeout_secs);
             match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => exchange(tls_stream, &peer_text, &context, &shutdown).await,
+                Ok(Ok(tls_stream)) => exchange(tls_stream, &peer_text, &context, &signals).await,
                 Ok(Err(error)) => {
                     context.metrics.tls_handshake_failures.inc();
                     tracing::warn!(%peer, error = %error, "mllp tls handshake failed");
@@ -103,7 +118,7 @@ async fn serve_connection(
                 }
             }
         }
-        _ => exchange(stream, &peer_text, &context, &shutdown).await,
+        _ => exchange(stream, &peer_text, &context, &signals).await,
     };
     if let Err(error) = result {
         tracing::debug!(%peer, error = %error, "mllp connection ended with an error");
@@ -114,7 +129,7 @@ async fn serve_connection(
 
 /// Reads frames and answers them until the peer closes, the idle timeout passes, a frame is
 /// oversize, or shutdown begins with no frame half-received.
-async fn exchange<S>(mut stream: S, peer: &str, context: &Context, shutdown: &CancellationToken) -> std::io::Result<()>
+async fn exchange<S>(mut stream: S, peer: &str, context: &Context, signals: &Signals) -> std::io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -153,7 +168,7 @@ where
             return Ok(());
         }
         let in_frame = decoder.in_frame(&buffer);
-        if shutdown.is_cancelled() && !in_frame {
+        if signals.shutdown.is_cancelled() && !in_frame {
             // Bytes the peer sent before shutdown began may not have been read yet (the
             // cancellation can win the race against the socket's readiness): give them a
             // moment to arrive and answer them before closing.
@@ -166,7 +181,11 @@ where
             }
         }
         let read = tokio::select! {
-            _ = shutdown.cancelled(), if !in_frame => continue,
+            _ = signals.shutdown.cancelled(), if !in_frame => continue,
+            _ = signals.force.cancelled() => {
+                tracing::warn!(peer, in_frame, "mllp connection closed at the end of the shutdown grace period");
+                return Ok(());
+            }
             read = tokio::time::timeout(settings.idle_timeout, stream.read_buf(&mut buffer)) => read,
         };
         match read {
