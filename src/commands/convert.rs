@@ -61,8 +61,7 @@ pub fn run(
                 .filter(|id| !id.is_empty())
                 .unwrap_or_else(|| "(no MSH-10)".to_string());
             let label = format!("{}:{} message {control_id}", file.display(), message.line);
-            let converted =
-                text.map_err(|reason| reason).and_then(|text| engine.convert(&text).map_err(|error| error.to_string()));
+            let converted = text.and_then(|text| engine.convert(&text).map_err(|error| error.to_string()));
             match converted {
                 Ok(converted) => {
                     serde_json::to_writer(&mut *output, &converted.bundle)?;
