@@ -23,13 +23,15 @@ if [ ! -d "$node_dir/node_modules/simple-hl7" ]; then
   (cd "$node_dir" && npm init -y >/dev/null && npm install --silent simple-hl7@3.3.0 >/dev/null)
 fi
 
+target_dir=${CARGO_TARGET_DIR:-$root/target}
 (cd "$root" && cargo build --release --quiet)
+gateway="$target_dir/release/hl7-fhir-gateway"
 data=$(mktemp -d)
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$data"; }
 trap cleanup EXIT
 
-"$root/target/release/hl7-fhir-gateway" serve --data-dir "$data" \
+"$gateway" serve --data-dir "$data" \
   --mllp-listen 127.0.0.1:6610 --http-listen 127.0.0.1:6611 2>"$data/gateway.log" &
 pids+=($!)
 NODE_MLLP_DIR="$node_dir" node "$bench/simple_hl7_server.js" 6602 900 >/dev/null 2>&1 &
@@ -37,7 +39,7 @@ pids+=($!)
 "$venv/bin/python" "$bench/raw_ack_server.py" --port 6600 --max-seconds 900 --uvloop >/dev/null 2>&1 &
 pids+=($!)
 for _ in $(seq 50); do
-  "$root/target/release/hl7-fhir-gateway" health --http http://127.0.0.1:6611 2>/dev/null && break
+  "$gateway" health --http http://127.0.0.1:6611 2>/dev/null && break
   sleep 0.2
 done
 sleep 1
