@@ -25,8 +25,22 @@ use crate::telemetry::Metrics;
 /// File name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "gateway.db";
 
-/// How long connections get to finish after shutdown begins.
+/// How long connections get to finish after shutdown begins, by default.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How the process runs (not part of the configuration file).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Time connections get to answer what they hold once shutdown begins; after it they
+    /// are closed.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { shutdown_grace: SHUTDOWN_GRACE }
+    }
+}
 
 /// A running gateway.
 pub struct Gateway {
@@ -66,6 +80,11 @@ impl Readiness for GatewayReadiness {
 impl Gateway {
     /// Opens the database, binds both listeners and starts serving.
     pub async fn start(settings: Settings) -> anyhow::Result<Gateway> {
+        Gateway::start_with(settings, Options::default()).await
+    }
+
+    /// Like [`Gateway::start`], with process options.
+    pub async fn start_with(settings: Settings, options: Options) -> anyhow::Result<Gateway> {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("cannot create data directory {}", settings.data_dir.display()))?;
         let database = settings.data_dir.join(DATABASE_FILE);
@@ -116,7 +135,7 @@ impl Gateway {
             stop_signal.cancelled().await;
             let _ = accept_loop.await;
             connections.close();
-            if tokio::time::timeout(SHUTDOWN_GRACE, connections.wait()).await.is_err() {
+            if tokio::time::timeout(options.shutdown_grace, connections.wait()).await.is_err() {
                 tracing::warn!("mllp connections still open after the grace period; closing them");
                 force.cancel();
                 connections.wait().await;

@@ -1034,3 +1034,22 @@ async fn shutdown_answers_a_message_sent_before_it_began() {
     assert_eq!(rows[1].raw, message);
     assert_eq!(rows[1].status, "accepted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_frame_does_not_hold_shutdown_past_the_grace_period() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut config = config_in(directory.path());
+    // Far longer than the bound below: only the forced close can end the connection in time.
+    config.mllp.idle_timeout_secs = 120;
+    let settings = config.validate().expect("test settings are valid");
+    let options = hl7_fhir_gateway::server::Options { shutdown_grace: Duration::from_millis(300) };
+    let gateway = Gateway::start_with(settings, options).await.expect("gateway starts");
+    let mut client = connect(&gateway).await;
+    assert_accepted(&send(&mut client, &adt("GRACE0")).await, "GRACE0");
+    // Start a frame and never finish it.
+    client.write_raw(b"\x0bMSH|^~\\&|SENDER|FAC|GW|C|20240101||ADT^A01|GRACE1|P|2.5.1\r").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(30), gateway.stop()).await;
+    assert!(stopped.is_ok(), "stop() must close connections once the grace period is over");
+    expect_closed(&mut client).await;
+}
