@@ -372,6 +372,9 @@ impl<'r, 'a> Scope<'r, 'a> {
                 values
             }
         };
+        if values.is_empty() {
+            builder.skip(&rule.target);
+        }
         for value in values {
             if let Err(reason) = builder.set(&rule.target, value) {
                 self.run.fail(rule, reason);
@@ -545,6 +548,10 @@ fn reference_to(run: &Run<'_>, placed_index: usize) -> Value {
 impl Lookup for Scope<'_, '_> {
     fn text(&self, value: &ValueExpr) -> Option<String> {
         self.items(value).first().and_then(|item| self.item_text(item))
+    }
+
+    fn valued(&self, value: &ValueExpr) -> bool {
+        !self.items(value).is_empty()
     }
 
     fn is_null(&self, path: &Path) -> bool {

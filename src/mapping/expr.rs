@@ -5,7 +5,7 @@
 //! literal.
 //!
 //! **Conditions** (`when:`), with parentheses, `and`, `or`, `not`:
-//! - `valued(PID-29)` — has a non-empty value (the HL7 null `""` is not a value);
+//! - `valued(PID-29)` — has data in any component (the HL7 null `""` is not a value);
 //! - `null(PID-29)` — holds the HL7 null `""` ("delete");
 //! - `PID-8 = "M"`, `PID-8 != "M"`, `<`, `<=`, `>`, `>=` (numeric when both sides are
 //!   numbers, else text);
@@ -148,6 +148,10 @@ pub enum CountTarget {
 pub trait Lookup {
     /// The first non-empty text of a value expression (unescaped), if any.
     fn text(&self, value: &ValueExpr) -> Option<String>;
+    /// True when the value expression yields data anywhere (any component of a field).
+    fn valued(&self, value: &ValueExpr) -> bool {
+        self.text(value).is_some()
+    }
     /// True when the value at `path` is the HL7 null `""`.
     fn is_null(&self, path: &Path) -> bool;
     /// How many repetitions or segments.
@@ -172,7 +176,7 @@ impl Condition {
             Condition::And(left, right) => left.holds(lookup) && right.holds(lookup),
             Condition::Or(left, right) => left.holds(lookup) || right.holds(lookup),
             Condition::Not(inner) => !inner.holds(lookup),
-            Condition::Valued(value) => lookup.text(value).is_some(),
+            Condition::Valued(value) => lookup.valued(value),
             Condition::Null(path) => lookup.is_null(path),
             Condition::Compare(left, comparison, right) => {
                 let left_text = lookup.text(left).unwrap_or_default();

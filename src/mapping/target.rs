@@ -119,7 +119,10 @@ impl Builder {
     /// error when the path crosses a value of the wrong shape (e.g. `name.given` where
     /// `name` holds text).
     pub fn set(&mut self, path: &TargetPath, value: Value) -> Result<(), String> {
-        let empty = is_empty(&value);
+        if is_empty(&value) {
+            self.skip(path);
+            return Ok(());
+        }
         let mut concrete = String::new();
         let mut node: &mut Map<String, Value> = &mut self.root;
         let last = path.steps.len() - 1;
@@ -129,76 +132,78 @@ impl Builder {
             }
             concrete.push_str(&step.name);
             let is_last = position == last;
-            match step.index {
-                Index::None => {
-                    if is_last {
-                        if !empty {
-                            node.insert(step.name.clone(), value);
-                        }
-                        return Ok(());
-                    }
-                    if empty {
-                        return Ok(());
-                    }
-                    let child = node.entry(step.name.clone()).or_insert_with(|| Value::Object(Map::new()));
-                    node = child
-                        .as_object_mut()
-                        .ok_or_else(|| format!("`{concrete}` already holds a value that is not an element"))?;
+            if step.index == Index::None {
+                if is_last {
+                    node.insert(step.name.clone(), value);
+                    return Ok(());
                 }
-                Index::Append | Index::Current | Index::At(_) => {
-                    let item_index = match step.index {
-                        Index::Append => {
-                            if empty {
-                                self.anchors.insert(concrete.clone(), None);
-                                return Ok(());
-                            }
-                            let items = array_at(node, &step.name, &concrete)?;
-                            items.push(if is_last { Value::Null } else { Value::Object(Map::new()) });
-                            let created = items.len() - 1;
-                            self.anchors.insert(concrete.clone(), Some(created));
-                            created
-                        }
-                        Index::Current => match self.anchors.get(&concrete) {
-                            Some(Some(current)) => *current,
-                            // The [+] it refers to was skipped, or never happened.
-                            _ => return Ok(()),
-                        },
-                        Index::At(position) => {
-                            if empty {
-                                return Ok(());
-                            }
-                            let items = array_at(node, &step.name, &concrete)?;
-                            while items.len() < position {
-                                items.push(Value::Object(Map::new()));
-                            }
-                            position - 1
-                        }
-                        Index::None => unreachable!("handled above"),
-                    };
-                    concrete.push_str(&format!("[{item_index}]"));
-                    let items = array_at(node, &step.name, &concrete)?;
-                    let Some(item) = items.get_mut(item_index) else {
-                        return Ok(());
-                    };
-                    if is_last {
-                        if !empty {
-                            *item = value;
-                        }
-                        return Ok(());
-                    }
-                    if empty {
-                        return Ok(());
-                    }
-                    if item.is_null() {
-                        *item = Value::Object(Map::new());
-                    }
-                    node = item
-                        .as_object_mut()
-                        .ok_or_else(|| format!("`{concrete}` holds a value that is not an element"))?;
-                }
+                let child = node.entry(step.name.clone()).or_insert_with(|| Value::Object(Map::new()));
+                node = child
+                    .as_object_mut()
+                    .ok_or_else(|| format!("`{concrete}` already holds a value that is not an element"))?;
+                continue;
             }
+            let item_index = match step.index {
+                Index::Append => {
+                    let items = array_at(node, &step.name, &concrete)?;
+                    items.push(if is_last { Value::Null } else { Value::Object(Map::new()) });
+                    let created = items.len() - 1;
+                    self.anchors.insert(concrete.clone(), Some(created));
+                    created
+                }
+                Index::Current => match self.anchors.get(&concrete) {
+                    Some(Some(current)) => *current,
+                    // The [+] it refers to was skipped, or never happened.
+                    _ => return Ok(()),
+                },
+                Index::At(position) => {
+                    let items = array_at(node, &step.name, &concrete)?;
+                    while items.len() < position {
+                        items.push(Value::Object(Map::new()));
+                    }
+                    position - 1
+                }
+                Index::None => unreachable!("handled above"),
+            };
+            concrete.push_str(&format!("[{item_index}]"));
+            let items = array_at(node, &step.name, &concrete)?;
+            let Some(item) = items.get_mut(item_index) else {
+                return Ok(());
+            };
+            if is_last {
+                *item = value;
+                return Ok(());
+            }
+            if item.is_null() {
+                *item = Value::Object(Map::new());
+            }
+            node = item.as_object_mut().ok_or_else(|| format!("`{concrete}` holds a value that is not an element"))?;
         }
         Ok(())
+    }
+
+    /// Records that a rule produced nothing for `path`: the first `[+]` on the way is
+    /// marked skipped, so a later `[=]` on that element does not land on an older item.
+    pub fn skip(&mut self, path: &TargetPath) {
+        let mut concrete = String::new();
+        for step in &path.steps {
+            if !concrete.is_empty() {
+                concrete.push('.');
+            }
+            concrete.push_str(&step.name);
+            match step.index {
+                Index::None => {}
+                Index::Append => {
+                    self.anchors.insert(concrete, None);
+                    return;
+                }
+                Index::Current => match self.anchors.get(&concrete) {
+                    Some(Some(current)) => concrete.push_str(&format!("[{current}]")),
+                    _ => return,
+                },
+                Index::At(position) => concrete.push_str(&format!("[{}]", position - 1)),
+            }
+        }
     }
 
     /// The finished object, with empty elements removed.
@@ -273,6 +278,17 @@ mod tests {
         set(&mut builder, "telecom[=].use", json!("home"));
         set(&mut builder, "contact[2].name", json!({"family": ""}));
         assert_eq!(Value::Object(builder.finish()), json!({"telecom": [{"value": "555"}]}));
+    }
+
+    #[test]
+    fn a_skipped_nested_append_is_not_reused() {
+        let mut builder = Builder::default();
+        set(&mut builder, "hospitalization.origin[+].display", json!("A"));
+        set(&mut builder, "hospitalization.origin[+].display", json!(""));
+        set(&mut builder, "hospitalization.origin[=].reference", json!("Location/1"));
+        builder.skip(&TargetPath::parse("participant[+].individual").unwrap());
+        set(&mut builder, "participant[=].type[+].text", json!("attending"));
+        assert_eq!(Value::Object(builder.finish()), json!({"hospitalization": {"origin": [{"display": "A"}]}}));
     }
 
     #[test]
