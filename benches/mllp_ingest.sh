@@ -24,15 +24,16 @@ if [ ! -d "$node_dir/node_modules/simple-hl7" ]; then
 fi
 
 target_dir=${CARGO_TARGET_DIR:-$root/target}
-(cd "$root" && cargo build --release --quiet)
-gateway="$target_dir/release/hl7-fhir-gateway"
+# GATEWAY_BIN: measure an already built binary instead of building one.
+gateway=${GATEWAY_BIN:-$target_dir/release/hl7-fhir-gateway}
+[ -n "${GATEWAY_BIN:-}" ] || (cd "$root" && cargo build --release --quiet)
 data=$(mktemp -d)
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$data"; }
 trap cleanup EXIT
 
 "$gateway" serve --data-dir "$data" \
-  --mllp-listen 127.0.0.1:6610 --http-listen 127.0.0.1:6611 2>"$data/gateway.log" &
+  --mllp-listen 127.0.0.1:6610 --http-listen 127.0.0.1:6611 --mappings "$root/mappings" 2>"$data/gateway.log" &
 pids+=($!)
 NODE_MLLP_DIR="$node_dir" node "$bench/simple_hl7_server.js" 6602 900 >/dev/null 2>&1 &
 pids+=($!)
