@@ -118,6 +118,16 @@ pub fn run(program: &Program, map: &MessageMap, message: &Message) -> Output {
     Output { resources, report: run.report.into_inner() }
 }
 
+/// True when `end` is before `start` (full date-times compared as instants, partial dates by
+/// their common precision).
+fn ends_before(start: &str, end: &str) -> bool {
+    if let (Ok(start_instant), Ok(end_instant)) = (start.parse::<jiff::Timestamp>(), end.parse::<jiff::Timestamp>()) {
+        return end_instant < start_instant;
+    }
+    let common = start.len().min(end.len()).min(10);
+    end[..common] < start[..common]
+}
+
 fn text_of(value: &Value) -> String {
     value.as_str().unwrap_or_default().to_string()
 }
@@ -182,7 +192,41 @@ impl<'a> Run<'a> {
         for rule in &instance.rules {
             scope.apply(rule, &mut builder);
         }
-        Value::Object(builder.finish())
+        let mut resource = Value::Object(builder.finish());
+        self.keep_periods_ordered(&mut resource, &instance.resource_type, String::new());
+        resource
+    }
+
+    /// FHIR invariant per-1: a Period's end is not before its start. Senders do get this
+    /// wrong (a stale PV1-45); the end is left out and the report says so, rather than
+    /// refusing the whole message.
+    fn keep_periods_ordered(&self, value: &mut Value, resource_type: &str, path: String) {
+        match value {
+            Value::Object(map) => {
+                let reversed = match (map.get("start").and_then(Value::as_str), map.get("end").and_then(Value::as_str))
+                {
+                    (Some(start), Some(end)) => ends_before(start, end),
+                    _ => false,
+                };
+                if reversed {
+                    let end = map.remove("end").and_then(|end| end.as_str().map(str::to_string)).unwrap_or_default();
+                    self.report
+                        .borrow_mut()
+                        .notes
+                        .push(format!("{resource_type}.{path}: end {end} is before start; end left out"));
+                }
+                for (key, child) in map.iter_mut() {
+                    let child_path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                    self.keep_periods_ordered(child, resource_type, child_path);
+                }
+            }
+            Value::Array(items) => {
+                for item in items.iter_mut() {
+                    self.keep_periods_ordered(item, resource_type, path.clone());
+                }
+            }
+            _ => {}
+        }
     }
 
     fn fail(&self, rule: &Rule, reason: String) {
@@ -579,4 +623,18 @@ pub fn placed_ids(resources: &[Value]) -> HashMap<String, Vec<String>> {
         ids.entry(text_of(&resource["resourceType"])).or_default().push(text_of(&resource["id"]));
     }
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ends_before;
+
+    #[test]
+    fn period_order_compares_instants_and_partial_dates() {
+        assert!(ends_before("2014-09-12T22:00:00+00:00", "2000-02-06T03:17:26Z"));
+        assert!(!ends_before("2024-01-01T10:00:00-05:00", "2024-01-01T15:30:00Z"));
+        assert!(ends_before("2024-01-01T10:00:00-05:00", "2024-01-01T14:30:00Z"));
+        assert!(ends_before("2024-03", "2024-02-28"));
+        assert!(!ends_before("2024", "2024-12-31T00:00:00Z"));
+    }
 }

@@ -1,0 +1,168 @@
+//! Conversion over the shared corpus (`../shared/corpus`): every ADT message (MSH-9.1 `ADT`)
+//! of every file must convert with the built-in mappings.
+//!
+//! Two allowances, both visible in the output: lines starting with `#` are comments in some
+//! corpus text files (izgateway's `messages.txt`) and are dropped before converting; the fuzz
+//! inputs under `BadInputs/` (nHapi's parser fuzzing) may be refused, but must not panic.
+//!
+//! Without the corpus the test is skipped, unless `REQUIRE_SHARED_CORPUS=1` (CI) demands it.
+//! With `HL7GW_EXPORT_RESOURCES=FILE` every produced resource is written to FILE, one JSON
+//! per line, for the independent R4 validators (`ci/validate_fhir.sh FILE`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use hl7_fhir_gateway::commands::convert::decode;
+use hl7_fhir_gateway::hl7::header::Header;
+use hl7_fhir_gateway::hl7::split::split_messages;
+use hl7_fhir_gateway::mapping::Engine;
+use serde_json::Value;
+
+const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus");
+
+/// Every corpus file that may hold messages, sorted: all but the expected outputs and notes.
+fn corpus_files(root: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut directories = vec![root.to_path_buf()];
+    while let Some(directory) = directories.pop() {
+        let entries = std::fs::read_dir(&directory).unwrap_or_else(|error| panic!("{}: {error}", directory.display()));
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                directories.push(path);
+                continue;
+            }
+            let skipped = path
+                .extension()
+                .and_then(|extension| extension.to_str())
+                .is_some_and(|extension| ["fhir", "json", "md"].contains(&extension.to_ascii_lowercase().as_str()));
+            if !skipped {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Fuzz inputs: refusing them is a correct answer.
+fn is_bad_input(name: &str) -> bool {
+    name.split(['/', '\\']).any(|part| part == "BadInputs")
+}
+
+/// The message without its `#` comment lines (segments end with CR after splitting).
+fn without_comments(bytes: &[u8]) -> (Vec<u8>, usize) {
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut dropped = 0;
+    for segment in bytes.split_inclusive(|&byte| byte == b'\r') {
+        if segment.starts_with(b"#") {
+            dropped += 1;
+        } else {
+            kept.extend_from_slice(segment);
+        }
+    }
+    (kept, dropped)
+}
+
+/// Converts one message; a panic is turned into an error naming it.
+fn convert(engine: &Engine, bytes: &[u8]) -> Result<Value, String> {
+    let text = decode(bytes)?;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.convert(&text))) {
+        Ok(result) => result.map(|converted| converted.bundle).map_err(|error| error.to_string()),
+        Err(panic) => {
+            let reason = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| text.to_string()))
+                .unwrap_or_default();
+            Err(format!("PANIC in convert: {reason}"))
+        }
+    }
+}
+
+/// The resources of a transaction Bundle's entries.
+fn resources(bundle: &Value) -> impl Iterator<Item = &Value> {
+    bundle["entry"].as_array().into_iter().flatten().filter_map(|entry| entry.get("resource"))
+}
+
+#[test]
+fn every_corpus_adt_message_converts() {
+    let root = Path::new(CORPUS);
+    if !root.is_dir() {
+        if std::env::var("REQUIRE_SHARED_CORPUS").is_ok_and(|value| value == "1") {
+            panic!("REQUIRE_SHARED_CORPUS=1 but the shared corpus is missing at {CORPUS}");
+        }
+        eprintln!("SKIPPED: ../shared/corpus not found");
+        return;
+    }
+    let engine = Engine::builtin().unwrap_or_else(|errors| {
+        let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        panic!("the built-in mappings do not compile:\n{}", lines.join("\n"))
+    });
+    let export_path = std::env::var_os("HL7GW_EXPORT_RESOURCES").filter(|path| !path.is_empty()).map(PathBuf::from);
+    let mut export = export_path.as_ref().map(|path| {
+        let file = std::fs::File::create(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+        std::io::BufWriter::new(file)
+    });
+
+    let files = corpus_files(root);
+    let (mut messages, mut adt, mut converted, mut exported, mut comments) = (0usize, 0usize, 0usize, 0usize, 0usize);
+    let mut failures = Vec::new();
+    let mut refused_bad_inputs = Vec::new();
+    for file in &files {
+        let name = file.strip_prefix(root).unwrap_or(file).display().to_string();
+        let bytes = std::fs::read(file).unwrap_or_else(|error| panic!("{name}: {error}"));
+        for message in split_messages(&bytes) {
+            messages += 1;
+            let header = Header::scan(&String::from_utf8_lossy(&message.bytes));
+            if header.as_ref().is_none_or(|header| header.message_code() != "ADT") {
+                continue;
+            }
+            adt += 1;
+            let label = format!("{name}:{}", message.line);
+            let (bytes, dropped) = without_comments(&message.bytes);
+            comments += dropped;
+            match convert(&engine, &bytes) {
+                Ok(bundle) => {
+                    converted += 1;
+                    if let Some(export) = export.as_mut() {
+                        for resource in resources(&bundle) {
+                            serde_json::to_writer(&mut *export, resource).expect("export file is writable");
+                            export.write_all(b"\n").expect("export file is writable");
+                            exported += 1;
+                        }
+                    }
+                }
+                Err(reason) if is_bad_input(&name) && !reason.starts_with("PANIC") => {
+                    refused_bad_inputs.push(format!("{label}: {reason}"))
+                }
+                Err(reason) => failures.push(format!("{label}: {reason}")),
+            }
+        }
+    }
+    if let Some(mut export) = export {
+        export.flush().expect("export file is writable");
+        let path = export_path.as_ref().expect("set with the writer").display();
+        eprintln!("exported {exported} resources to {path}");
+    }
+    eprintln!(
+        "corpus: {} files, {messages} messages, {adt} ADT messages, {converted} converted, {} failed, \
+         {} fuzz inputs refused ({comments} comment lines dropped)",
+        files.len(),
+        failures.len(),
+        refused_bad_inputs.len()
+    );
+    for refused in &refused_bad_inputs {
+        eprintln!("  refused (fuzz input, allowed): {refused}");
+    }
+    for failure in &failures {
+        eprintln!("  FAILED: {failure}");
+    }
+    assert!(adt > 0, "no ADT message found in {CORPUS}");
+    assert!(
+        failures.is_empty(),
+        "{} of {adt} ADT messages failed to convert:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
