@@ -5,7 +5,6 @@
 //! Without the corpus the test is skipped, unless `REQUIRE_SHARED_CORPUS=1` (CI) demands it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use hl7_fhir_gateway::commands::health;
@@ -16,32 +15,8 @@ use hl7_fhir_gateway::hl7::split::split_messages;
 use hl7_fhir_gateway::mllp::client::{Client, Error, Options};
 use hl7_fhir_gateway::server::Gateway;
 
-const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus");
-
-/// Every corpus file to send, sorted: all but the expected outputs and notes.
-fn corpus_files(root: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut directories = vec![root.to_path_buf()];
-    while let Some(directory) = directories.pop() {
-        let entries = std::fs::read_dir(&directory).unwrap_or_else(|error| panic!("{}: {error}", directory.display()));
-        for entry in entries {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                directories.push(path);
-                continue;
-            }
-            let skipped = path
-                .extension()
-                .and_then(|extension| extension.to_str())
-                .is_some_and(|extension| ["fhir", "json", "md"].contains(&extension.to_ascii_lowercase().as_str()));
-            if !skipped {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
-}
+#[path = "common/shared_corpus.rs"]
+mod shared_corpus;
 
 /// The reason an ERR segment gives: ERR-7 (diagnostic), else ERR-3 (code), else ERR-1
 /// (the pre-2.5 location and code), with separators removed.
@@ -77,15 +52,8 @@ async fn exchange(client: &mut Option<Client>, options: &Options, message: &[u8]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_corpus_message_is_acknowledged() {
-    let root = Path::new(CORPUS);
-    if !root.is_dir() {
-        if std::env::var("REQUIRE_SHARED_CORPUS").is_ok_and(|value| value == "1") {
-            panic!("REQUIRE_SHARED_CORPUS=1 but the shared corpus is missing at {CORPUS}");
-        }
-        eprintln!("SKIPPED: ../shared/corpus not found");
-        return;
-    }
-    let files = corpus_files(root);
+    let Some(root) = shared_corpus::root_or_skip() else { return };
+    let files = shared_corpus::message_files(root);
 
     let data_dir = tempfile::tempdir().unwrap();
     let mut config = Config { data_dir: data_dir.path().to_path_buf(), ..Config::default() };

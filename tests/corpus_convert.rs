@@ -10,7 +10,7 @@
 //! per line, for the independent R4 validators (`ci/validate_fhir.sh FILE`).
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use hl7_fhir_gateway::commands::convert::decode;
 use hl7_fhir_gateway::hl7::header::Header;
@@ -18,32 +18,8 @@ use hl7_fhir_gateway::hl7::split::split_messages;
 use hl7_fhir_gateway::mapping::Engine;
 use serde_json::Value;
 
-const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus");
-
-/// Every corpus file that may hold messages, sorted: all but the expected outputs and notes.
-fn corpus_files(root: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut directories = vec![root.to_path_buf()];
-    while let Some(directory) = directories.pop() {
-        let entries = std::fs::read_dir(&directory).unwrap_or_else(|error| panic!("{}: {error}", directory.display()));
-        for entry in entries {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                directories.push(path);
-                continue;
-            }
-            let skipped = path
-                .extension()
-                .and_then(|extension| extension.to_str())
-                .is_some_and(|extension| ["fhir", "json", "md"].contains(&extension.to_ascii_lowercase().as_str()));
-            if !skipped {
-                files.push(path);
-            }
-        }
-    }
-    files.sort();
-    files
-}
+#[path = "common/shared_corpus.rs"]
+mod shared_corpus;
 
 /// Fuzz inputs: refusing them is a correct answer.
 fn is_bad_input(name: &str) -> bool {
@@ -87,14 +63,7 @@ fn resources(bundle: &Value) -> impl Iterator<Item = &Value> {
 
 #[test]
 fn every_corpus_adt_message_converts() {
-    let root = Path::new(CORPUS);
-    if !root.is_dir() {
-        if std::env::var("REQUIRE_SHARED_CORPUS").is_ok_and(|value| value == "1") {
-            panic!("REQUIRE_SHARED_CORPUS=1 but the shared corpus is missing at {CORPUS}");
-        }
-        eprintln!("SKIPPED: ../shared/corpus not found");
-        return;
-    }
+    let Some(root) = shared_corpus::root_or_skip() else { return };
     let engine = Engine::builtin().unwrap_or_else(|errors| {
         let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
         panic!("the built-in mappings do not compile:\n{}", lines.join("\n"))
@@ -105,7 +74,7 @@ fn every_corpus_adt_message_converts() {
         std::io::BufWriter::new(file)
     });
 
-    let files = corpus_files(root);
+    let files = shared_corpus::message_files(root);
     let (mut messages, mut adt, mut converted, mut exported, mut comments) = (0usize, 0usize, 0usize, 0usize, 0usize);
     let mut failures = Vec::new();
     let mut refused_bad_inputs = Vec::new();
@@ -158,7 +127,7 @@ fn every_corpus_adt_message_converts() {
     for failure in &failures {
         eprintln!("  FAILED: {failure}");
     }
-    assert!(adt > 0, "no ADT message found in {CORPUS}");
+    assert!(adt > 0, "no ADT message found in {}", shared_corpus::CORPUS);
     assert!(
         failures.is_empty(),
         "{} of {adt} ADT messages failed to convert:\n{}",
