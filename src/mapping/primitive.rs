@@ -93,15 +93,7 @@ impl Kind {
             }
             Kind::Instant => Timestamp::parse(trimmed).and_then(|stamp| stamp.date_time(zone, true)).map(Value::String),
             Kind::Time => time_of_day(trimmed).map(Value::String),
-            Kind::Decimal => {
-                let number: f64 = trimmed.parse().map_err(|_| format!("`{trimmed}` is not a decimal"))?;
-                if !number.is_finite() || trimmed.starts_with('.') && trimmed.len() == 1 {
-                    return Err(format!("`{trimmed}` is not a decimal"));
-                }
-                serde_json::Number::from_f64(number)
-                    .map(Value::Number)
-                    .ok_or_else(|| format!("`{trimmed}` is not a decimal"))
-            }
+            Kind::Decimal => decimal(trimmed),
             Kind::Integer | Kind::PositiveInt | Kind::UnsignedInt => {
                 let number: i64 = trimmed.parse().map_err(|_| format!("`{trimmed}` is not an integer"))?;
                 let minimum = match self {
@@ -216,29 +208,52 @@ impl Timestamp {
             }
             return Ok(self.date());
         };
-        let (month, day) = (self.month.unwrap_or(1), self.day.unwrap_or(1));
-        let minute = self.minute.unwrap_or(0);
+        let (mut year, mut month, mut day) = (self.year, self.month.unwrap_or(1), self.day.unwrap_or(1));
+        let (mut hour, mut minute) = (hour, self.minute.unwrap_or(0));
         let second = self.second.unwrap_or(0);
         let fraction = self.fraction.as_ref().map(|digits| format!(".{digits}")).unwrap_or_default();
         let offset_minutes = match self.offset_minutes {
             Some(offset) => offset,
             None => {
-                let local = DateTime::new(self.year, month, day, hour, minute, second, 0)
+                let local = DateTime::new(year, month, day, hour, minute, second, 0)
                     .map_err(|error| format!("invalid date/time: {error}"))?;
+                // Ambiguous local times (the hour repeated when DST ends) take the first
+                // occurrence; times in the gap when DST starts move forward past it.
                 let zoned =
                     local.to_zoned(zone.clone()).map_err(|error| format!("cannot place in time zone: {error}"))?;
+                (year, month, day) = (zoned.year(), zoned.month(), zoned.day());
+                (hour, minute) = (zoned.hour(), zoned.minute());
                 zoned.offset().seconds() / 60
             }
         };
         let sign = if offset_minutes < 0 { '-' } else { '+' };
         let absolute = offset_minutes.abs();
         Ok(format!(
-            "{:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}{fraction}{sign}{:02}:{:02}",
-            self.year,
+            "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}{fraction}{sign}{:02}:{:02}",
             absolute / 60,
             absolute % 60
         ))
     }
+}
+
+/// A v2 NM: optional sign, digits, optional fraction; no exponent, no thousands separator.
+/// Whole numbers stay whole (`180`, not `180.0`). Known limit: trailing zeros of a fraction
+/// (`82.50`) are not kept, as JSON numbers here are binary floating point.
+fn decimal(text: &str) -> Result<Value, String> {
+    let invalid = || format!("`{text}` is not a decimal");
+    let unsigned = text.strip_prefix(['+', '-']).unwrap_or(text);
+    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+    let digits_only = |part: &str| part.chars().all(|c| c.is_ascii_digit());
+    if (whole.is_empty() && fraction.is_empty()) || !digits_only(whole) || !digits_only(fraction) {
+        return Err(invalid());
+    }
+    if !unsigned.contains('.') {
+        if let Ok(number) = text.trim_start_matches('+').parse::<i64>() {
+            return Ok(Value::from(number));
+        }
+    }
+    let number: f64 = text.parse().map_err(|_| invalid())?;
+    serde_json::Number::from_f64(number).map(Value::Number).ok_or_else(invalid)
 }
 
 fn time_of_day(text: &str) -> Result<String, String> {
@@ -282,6 +297,13 @@ mod tests {
     }
 
     #[test]
+    fn dst_gap_moves_forward_and_overlap_takes_the_first() {
+        let zone = chicago();
+        assert_eq!(Kind::DateTime.convert("20240310023000", &zone).unwrap(), "2024-03-10T03:30:00-05:00");
+        assert_eq!(Kind::DateTime.convert("20241103013000", &zone).unwrap(), "2024-11-03T01:30:00-05:00");
+    }
+
+    #[test]
     fn explicit_offsets_and_fractions_are_kept() {
         let zone = chicago();
         assert_eq!(Kind::DateTime.convert("20240715083000.123+0200", &zone).unwrap(), "2024-07-15T08:30:00.123+02:00");
@@ -301,7 +323,11 @@ mod tests {
     fn numbers_booleans_codes() {
         let zone = TimeZone::UTC;
         assert_eq!(Kind::Decimal.convert(" 12.5 ", &zone).unwrap(), serde_json::json!(12.5));
-        assert!(Kind::Decimal.convert("12,5", &zone).is_err());
+        assert_eq!(Kind::Decimal.convert("180", &zone).unwrap().to_string(), "180");
+        assert_eq!(Kind::Decimal.convert("-0.25", &zone).unwrap(), serde_json::json!(-0.25));
+        for bad in ["12,5", "1e3", ".", "", "+-1", "1.2.3"] {
+            assert!(Kind::Decimal.convert(bad, &zone).is_err(), "{bad}");
+        }
         assert_eq!(Kind::PositiveInt.convert("3", &zone).unwrap(), serde_json::json!(3));
         assert!(Kind::PositiveInt.convert("0", &zone).is_err());
         assert_eq!(Kind::Boolean.convert("y", &zone).unwrap(), serde_json::json!(true));
