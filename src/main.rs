@@ -10,7 +10,7 @@ use hl7_fhir_gateway::config::{self, Overrides};
 use hl7_fhir_gateway::mapping::{Engine, Sources};
 use hl7_fhir_gateway::mllp::client::Options;
 use hl7_fhir_gateway::mllp::tls::ClientTls;
-use hl7_fhir_gateway::server::{termination_signal, Gateway};
+use hl7_fhir_gateway::server::{Gateway, Termination};
 use hl7_fhir_gateway::telemetry::{self, LogFormat};
 
 /// Bridges HL7 v2 feeds received over MLLP to FHIR R4.
@@ -147,6 +147,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let termination = Termination::install();
     telemetry::init_tracing(args.log_format);
     telemetry::set_log_phi(args.log_phi);
     if args.log_phi {
@@ -167,7 +168,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "mappings compiled"
     );
     let gateway = Gateway::start(settings).await?;
-    termination_signal().await;
+    termination.wait().await;
     tracing::info!("shutdown requested; answering in-flight messages");
     gateway.stop().await;
     tracing::info!("gateway stopped");

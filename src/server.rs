@@ -171,26 +171,64 @@ impl Gateway {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn termination_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT handlers, installed before the gateway starts so that a signal
+/// arriving during startup is not lost (or fatal).
+pub struct Termination {
     #[cfg(unix)]
-    {
-        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::warn!(error = %error, "cannot listen for SIGTERM; only SIGINT stops the gateway");
-                let _ = interrupt.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Termination {
+    /// Installs the handlers now.
+    pub fn install() -> Termination {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let terminate = signal(SignalKind::terminate())
+                .map_err(|error| tracing::warn!(error = %error, "cannot listen for SIGTERM"))
+                .ok();
+            let interrupt = signal(SignalKind::interrupt())
+                .map_err(|error| tracing::warn!(error = %error, "cannot listen for SIGINT"))
+                .ok();
+            Termination { terminate, interrupt }
+        }
+        #[cfg(not(unix))]
+        {
+            Termination {}
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = interrupt.await;
+
+    /// Resolves on the first SIGTERM or SIGINT.
+    pub async fn wait(self) {
+        #[cfg(unix)]
+        {
+            let (mut terminate, mut interrupt) = (self.terminate, self.interrupt);
+            let terminated = async {
+                match terminate.as_mut() {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            let interrupted = async {
+                match interrupt.as_mut() {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = terminated => {}
+                _ = interrupted => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -137,6 +137,7 @@ where
     let mut decoder = Decoder::new(settings.max_frame_bytes);
     let mut buffer = BytesMut::with_capacity(16 * 1024);
     let mut frames = Vec::new();
+    let mut drained = false;
     loop {
         // Take every complete frame out of the buffer.
         let mut oversize = None;
@@ -170,15 +171,19 @@ where
         let in_frame = decoder.in_frame(&buffer);
         if signals.shutdown.is_cancelled() && !in_frame {
             // Bytes the peer sent before shutdown began may not have been read yet (the
-            // cancellation can win the race against the socket's readiness): give them a
-            // moment to arrive and answer them before closing.
-            match tokio::time::timeout(SHUTDOWN_DRAIN, stream.read_buf(&mut buffer)).await {
-                Ok(Ok(read)) if read > 0 => continue,
-                _ => {
-                    let _ = stream.shutdown().await;
-                    return Ok(());
+            // cancellation can win the race against the socket's readiness): give them one
+            // moment to arrive and answer them before closing. Only once: a sender that keeps
+            // sending must not keep the connection open through the shutdown.
+            if !drained {
+                drained = true;
+                if let Ok(Ok(read)) = tokio::time::timeout(SHUTDOWN_DRAIN, stream.read_buf(&mut buffer)).await {
+                    if read > 0 {
+                        continue;
+                    }
                 }
             }
+            let _ = stream.shutdown().await;
+            return Ok(());
         }
         let read = tokio::select! {
             _ = signals.shutdown.cancelled(), if !in_frame => continue,
