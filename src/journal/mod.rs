@@ -188,9 +188,4 @@ impl Journal {
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && !self.sender.is_closed()
     }
-
-    /// Requests waiting for the writer.
-    pub fn queued(&self) -> usize {
-        QUEUE_CAPACITY - self.sender.capacity()
-    }
 }

@@ -9,7 +9,7 @@
 //! whole message.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
 
@@ -614,15 +614,6 @@ impl Lookup for Scope<'_, '_> {
             },
         }
     }
-}
-
-/// Instance names and the ids they got, for tests and reports.
-pub fn placed_ids(resources: &[Value]) -> HashMap<String, Vec<String>> {
-    let mut ids: HashMap<String, Vec<String>> = HashMap::new();
-    for resource in resources {
-        ids.entry(text_of(&resource["resourceType"])).or_default().push(text_of(&resource["id"]));
-    }
-    ids
 }
 
 #[cfg(test)]

@@ -41,13 +41,6 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
-impl Report {
-    /// True when nothing needs attention.
-    pub fn is_clean(&self) -> bool {
-        self.unused_fields.is_empty() && self.failures.is_empty() && self.vocabulary_misses.is_empty()
-    }
-}
-
 impl fmt::Display for Report {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(formatter, "message map: {} (time zone {})", self.message_map, self.timezone)?;

@@ -81,11 +81,6 @@ impl TargetPath {
     pub fn appends(&self) -> bool {
         self.steps.iter().any(|step| step.index == Index::Append)
     }
-
-    /// The first element name.
-    pub fn root_element(&self) -> &str {
-        &self.steps[0].name
-    }
 }
 
 /// True for values that must not be emitted.
