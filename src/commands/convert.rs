@@ -21,12 +21,7 @@ pub struct Summary {
 
 /// Decodes a message by its MSH-18 (UTF-8 when it declares nothing).
 pub fn decode(raw: &[u8]) -> Result<String, String> {
-    let charset = match charset::declared_charset(raw) {
-        Some(name) => {
-            Charset::from_name(&name).ok_or_else(|| format!("MSH-18 character set {name} is not supported"))?
-        }
-        None => Charset::Utf8,
-    };
+    let charset = charset::message_charset(raw, Charset::Utf8).map_err(|unsupported| unsupported.to_string())?;
     charset.decode(raw).map_err(|error| error.to_string())
 }
 

@@ -193,6 +193,30 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// MSH-18 names a character set the gateway cannot decode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsupportedCharset {
+    /// The name as the message gives it.
+    pub name: String,
+}
+
+impl fmt::Display for UnsupportedCharset {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "MSH-18 character set {} is not supported", self.name)
+    }
+}
+
+impl std::error::Error for UnsupportedCharset {}
+
+/// The character set of a message: what its MSH-18 declares, or `default` when it declares
+/// nothing.
+pub fn message_charset(raw: &[u8], default: Charset) -> Result<Charset, UnsupportedCharset> {
+    match declared_charset(raw) {
+        None => Ok(default),
+        Some(name) => Charset::from_name(&name).ok_or(UnsupportedCharset { name }),
+    }
+}
+
 /// Reads MSH-18 straight from the raw bytes (the MSH segment is ASCII in every set HL7
 /// allows except UTF-16/32, which carry a byte order mark). Returns the first repetition,
 /// or `None` when the message declares nothing.

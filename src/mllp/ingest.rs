@@ -32,16 +32,12 @@ pub struct Examined {
 /// Decides about a message from its bytes alone.
 pub fn examine(raw: &[u8], default_charset: Charset) -> Examined {
     let mut problem: Option<AckOutcome> = None;
-    let charset = match charset::declared_charset(raw) {
-        None => default_charset,
-        Some(name) => Charset::from_name(&name).unwrap_or_else(|| {
-            problem = Some(AckOutcome::Rejected(
-                ErrorDetail::new(103, format!("MSH-18 character set {name} is not supported"))
-                    .at(ErrorLocation::field("MSH", 18)),
-            ));
-            default_charset
-        }),
-    };
+    let charset = charset::message_charset(raw, default_charset).unwrap_or_else(|unsupported| {
+        problem = Some(AckOutcome::Rejected(
+            ErrorDetail::new(103, unsupported.to_string()).at(ErrorLocation::field("MSH", 18)),
+        ));
+        default_charset
+    });
     let text = match charset.decode(raw) {
         Ok(text) => text,
         Err(error) => {
