@@ -63,6 +63,12 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX messages_by_control_id
         ON messages (sending_application, sending_facility, control_id);
     CREATE INDEX messages_by_status ON messages (status, id);",
+    // 2: the resource store and its search indexes.
+    crate::store::SCHEMA,
+    // 3: processing results kept with each message.
+    "ALTER TABLE messages ADD COLUMN processed_at_us INTEGER;
+    ALTER TABLE messages ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN report TEXT;",
 ];
 
 /// Opens (creating if needed) the database at `path` with WAL and full fsync, and applies

@@ -31,4 +31,5 @@ pub mod mapping;
 pub mod mllp;
 pub mod server;
 pub mod setting;
+pub mod store;
 pub mod telemetry;
