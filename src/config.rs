@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::setting::Invalid;
-use crate::{http, mapping, mllp};
+use crate::{auth, http, mapping, mllp};
 
 /// The only configuration format version this build reads.
 pub const VERSION: u32 = 1;
@@ -40,6 +40,10 @@ pub struct Config {
     /// Mapping files and time zone.
     #[serde(default)]
     pub mappings: mapping::Config,
+    /// Bearer-token auth of the FHIR and admin APIs; absent = open, allowed only when
+    /// `http.listen` is a loopback address.
+    #[serde(default)]
+    pub auth: Option<auth::Config>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -54,6 +58,7 @@ impl Default for Config {
             mllp: mllp::Config::default(),
             http: http::Config::default(),
             mappings: mapping::Config::default(),
+            auth: None,
         }
     }
 }
@@ -69,6 +74,8 @@ pub struct Settings {
     pub http: http::Settings,
     /// Where mappings come from.
     pub mappings: mapping::Sources,
+    /// Token verification; `None` = open API (loopback only).
+    pub auth: Option<auth::Settings>,
 }
 
 /// Why a configuration could not be loaded.
@@ -214,11 +221,24 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(Invalid::new("data_dir", "must not be empty"));
         }
+        let http = self.http.validate()?;
+        let auth = self.auth.as_ref().map(auth::Config::validate).transpose()?;
+        if auth.is_none() && !http.listen.ip().is_loopback() {
+            return Err(Invalid::new(
+                "http.listen",
+                format!(
+                    "{} is not a loopback address, and the FHIR and admin APIs have no auth configured; \
+                     add an `auth` section (issuer, audience, jwks_file or jwks_url) or listen on 127.0.0.1",
+                    http.listen
+                ),
+            ));
+        }
         Ok(Settings {
             data_dir: self.data_dir.clone(),
             mllp: self.mllp.validate()?,
-            http: self.http.validate()?,
+            http,
             mappings: self.mappings.validate()?,
+            auth,
         })
     }
 }
@@ -244,6 +264,17 @@ mod tests {
         assert_eq!(settings.data_dir, PathBuf::from("./data"));
         assert_eq!(settings.mllp.listen.to_string(), "0.0.0.0:2575");
         assert_eq!(settings.http.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn an_open_api_is_refused_off_loopback() {
+        let file = write("version: 1\nhttp:\n  listen: 0.0.0.0:8080\n");
+        let config = load(Some(file.path()), no_environment(), &Overrides::default()).unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("http.listen") && error.contains("auth"), "{error}");
+        let file = write("version: 1\nhttp:\n  listen: \"[::1]:8080\"\n");
+        let config = load(Some(file.path()), no_environment(), &Overrides::default()).unwrap();
+        config.validate().unwrap();
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub struct Config {
     /// Address the HTTP server binds (health, metrics, and later the FHIR API).
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Public base URL of the FHIR API as clients reach it (`https://gw.example.org/fhir`),
+    /// used in Bundle links and fullUrls. Without it, the request's Host header is used.
+    #[serde(default)]
+    pub public_url: Option<String>,
 }
 
 fn default_listen() -> String {
@@ -30,7 +34,7 @@ fn default_listen() -> String {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { listen: default_listen() }
+        Config { listen: default_listen(), public_url: None }
     }
 }
 
@@ -39,12 +43,23 @@ impl Default for Config {
 pub struct Settings {
     /// Listen address.
     pub listen: SocketAddr,
+    /// Public base URL of the FHIR API, without trailing slash.
+    pub public_url: Option<String>,
 }
 
 impl Config {
     /// Checks the section without touching sockets.
     pub fn validate(&self) -> Result<Settings, Invalid> {
-        Ok(Settings { listen: setting::socket_address("http.listen", &self.listen)? })
+        let public_url = match &self.public_url {
+            Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
+                Some(url.trim_end_matches('/').to_string())
+            }
+            Some(url) => {
+                return Err(Invalid::new("http.public_url", format!("`{url}` is not an http(s) URL")));
+            }
+            None => None,
+        };
+        Ok(Settings { listen: setting::socket_address("http.listen", &self.listen)?, public_url })
     }
 }
 

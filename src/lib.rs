@@ -20,6 +20,8 @@
 //! - [`commands`]: the `send` and `health` clients.
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod db;
@@ -29,6 +31,7 @@ pub mod http;
 pub mod journal;
 pub mod mapping;
 pub mod mllp;
+pub mod pipeline;
 pub mod server;
 pub mod setting;
 pub mod store;

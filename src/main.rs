@@ -161,12 +161,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     let loaded = config::load(args.config.as_deref(), std::env::vars(), &overrides)?;
     let settings = loaded.validate()?;
-    let engine = load_mappings(&settings.mappings)?;
-    tracing::info!(
-        message_maps = engine.message_map_count(),
-        sender_overlays = engine.overlays().len(),
-        "mappings compiled"
-    );
     let gateway = Gateway::start(settings).await?;
     termination.wait().await;
     tracing::info!("shutdown requested; answering in-flight messages");

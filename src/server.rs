@@ -1,4 +1,4 @@
-//! Wiring of a running gateway: database, MLLP listener, HTTP server, and the two-stage
+//! Wiring of a running gateway: database, MLLP listener, pipeline, FHIR API, and the two-stage
 //! shutdown. `main` calls [`Gateway::start`]; tests do too, on port 0.
 //!
 //! Shutdown order: stop accepting MLLP connections → let connections answer the frames they
@@ -15,15 +15,22 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api;
 use crate::config::Settings;
 use crate::http::{self, Readiness};
 use crate::journal::Journal;
+use crate::mapping::Engine;
 use crate::mllp::ingest::Ingest;
 use crate::mllp::listener::{self, Context};
+use crate::pipeline::{self, Pipeline, Wakeup};
+use crate::store::Store;
 use crate::telemetry::Metrics;
 
 /// File name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "gateway.db";
+
+/// Read connections the FHIR API may use at once.
+pub const STORE_READERS: usize = 16;
 
 /// How long connections get to finish after shutdown begins, by default.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -88,8 +95,29 @@ impl Gateway {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("cannot create data directory {}", settings.data_dir.display()))?;
         let database = settings.data_dir.join(DATABASE_FILE);
-        let (journal, journal_thread) = Journal::open(&database)?;
+        let engine = Engine::load(&settings.mappings).map_err(|errors| {
+            let listing: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("{} mapping error(s):\n{}", errors.len(), listing.join("\n"))
+        })?;
+        tracing::info!(
+            message_maps = engine.message_map_count(),
+            sender_overlays = engine.overlays().len(),
+            "mappings compiled"
+        );
+        let engine = pipeline::shared(engine);
+        let wakeup = Arc::new(Wakeup::default());
+        let notify_pipeline = wakeup.clone();
+        let (journal, journal_thread) =
+            Journal::open_notifying(&database, Some(Arc::new(move || notify_pipeline.wake())))?;
         let metrics = Arc::new(Metrics::new());
+        let pipeline = Pipeline::start(&database, engine.clone(), wakeup.clone(), metrics.clone())?;
+        let store = Store::open(&database, STORE_READERS)?;
+        let verifier = match &settings.auth {
+            Some(auth) => Some(Arc::new(
+                crate::auth::Verifier::load(auth).await.context("cannot load the token verification keys")?,
+            )),
+            None => None,
+        };
 
         let tls = match &settings.mllp.tls {
             Some(tls) => Some(tokio_rustls::TlsAcceptor::from(crate::mllp::tls::server_config(tls)?)),
@@ -118,7 +146,20 @@ impl Gateway {
         ));
 
         let readiness = Arc::new(GatewayReadiness { context: Arc::downgrade(&context), shutdown: shutdown.clone() });
-        let router = http::router(http::AppState { metrics: metrics.clone(), readiness });
+        let api_state = api::ApiState {
+            store,
+            verifier,
+            auth: settings.auth.clone(),
+            public_url: settings.http.public_url.clone(),
+            metrics: metrics.clone(),
+            admin: Arc::new(api::admin::AdminState {
+                database: database.clone(),
+                engine,
+                sources: settings.mappings.clone(),
+                wakeup,
+            }),
+        };
+        let router = http::router(http::AppState { metrics: metrics.clone(), readiness }).merge(api::router(api_state));
         let http_stop = CancellationToken::new();
         let http_stop_signal = http_stop.clone();
         let http_server = tokio::spawn(async move {
@@ -145,6 +186,11 @@ impl Gateway {
             let joined = tokio::task::spawn_blocking(move || journal_thread.join()).await;
             if !matches!(joined, Ok(Ok(()))) {
                 tracing::error!("journal writer did not stop cleanly");
+            }
+            // The pipeline finishes the batch it is on; what it has not claimed stays
+            // `accepted` in the journal for the next start.
+            if tokio::task::spawn_blocking(move || pipeline.stop()).await.is_err() {
+                tracing::error!("pipeline did not stop cleanly");
             }
             http_stop.cancel();
             let _ = http_server.await;

@@ -70,6 +70,32 @@ pub struct RefusedLabels {
     pub code: String,
 }
 
+/// Labels of pipeline outcomes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `processed`, or the failure kind (`decode`, `parse`, `unrouted`, `invalid`).
+    pub outcome: String,
+}
+
+/// Labels of FHIR API requests.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `read`, `vread`, `search`, `history`, `capabilities`, `everything`, `admin`, ...
+    pub interaction: String,
+    /// HTTP status code.
+    pub status: String,
+}
+
+/// Now, in microseconds since the Unix epoch.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_micros() as i64)
+}
+
+/// An instant in microseconds since the epoch as RFC 3339 UTC (`2026-11-29T20:18:23.123456Z`).
+pub fn rfc3339_us(us: i64) -> String {
+    jiff::Timestamp::from_microsecond(us).map_or_else(|_| us.to_string(), |timestamp| timestamp.to_string())
+}
+
 /// Most distinct label values kept per label; further values are counted as `other`, so
 /// that a sender inventing MSH-3 values cannot exhaust memory.
 const MAX_LABEL_VALUES: usize = 1000;
@@ -97,6 +123,16 @@ pub struct Metrics {
     pub idle_timeouts: Counter,
     /// `hl7gw_mllp_tls_handshake_failures_total`.
     pub tls_handshake_failures: Counter,
+    /// `hl7gw_pipeline_messages_total{outcome}`: messages converted (or failed) by the pipeline.
+    pub pipeline_messages: Family<OutcomeLabels, Counter>,
+    /// `hl7gw_pipeline_backlog`: accepted messages not yet processed.
+    pub pipeline_backlog: Gauge,
+    /// `hl7gw_pipeline_latency_seconds`: receive → resources stored.
+    pub pipeline_latency: Histogram,
+    /// `hl7gw_fhir_requests_total{interaction,status}`.
+    pub fhir_requests: Family<RequestLabels, Counter>,
+    /// `hl7gw_fhir_request_duration_seconds`.
+    pub fhir_request_duration: Histogram,
     seen_label_values: Mutex<HashSet<String>>,
 }
 
@@ -147,8 +183,39 @@ impl Metrics {
         registry.register("mllp_oversize_frames", "Frames larger than max_frame_bytes", oversize_frames.clone());
         registry.register("mllp_idle_timeouts", "Connections closed after idle_timeout_secs", idle_timeouts.clone());
         registry.register("mllp_tls_handshake_failures", "Failed TLS handshakes", tls_handshake_failures.clone());
+        let pipeline_messages = Family::<OutcomeLabels, Counter>::default();
+        let pipeline_backlog = Gauge::default();
+        // 1 ms .. ~65 s
+        let pipeline_latency =
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17));
+        let fhir_requests = Family::<RequestLabels, Counter>::default();
+        // 50 µs .. ~1.6 s
+        let fhir_request_duration =
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.00005, 2.0, 16));
+        registry.register(
+            "pipeline_messages",
+            "Messages the pipeline converted (outcome=processed) or failed (outcome=failure kind)",
+            pipeline_messages.clone(),
+        );
+        registry.register("pipeline_backlog", "Accepted messages waiting to be converted", pipeline_backlog.clone());
+        registry.register(
+            "pipeline_latency_seconds",
+            "Time from receiving a message to its resources being stored",
+            pipeline_latency.clone(),
+        );
+        registry.register("fhir_requests", "FHIR API requests by interaction and status", fhir_requests.clone());
+        registry.register(
+            "fhir_request_duration_seconds",
+            "FHIR API request handling time",
+            fhir_request_duration.clone(),
+        );
         Metrics {
             registry,
+            pipeline_messages,
+            pipeline_backlog,
+            pipeline_latency,
+            fhir_requests,
+            fhir_request_duration,
             messages_received,
             messages_acknowledged,
             messages_refused,

@@ -48,6 +48,9 @@ pub enum Error {
     Closed,
 }
 
+/// Called by the writer after a commit that stored new messages.
+pub type Notify = Arc<dyn Fn() + Send + Sync>;
+
 /// Status of a journal row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Status {
@@ -163,10 +166,19 @@ pub struct Journal {
 impl Journal {
     /// Opens the journal database and starts its writer thread.
     pub fn open(path: &Path) -> Result<(Journal, std::thread::JoinHandle<()>), Error> {
+        Journal::open_notifying(path, None)
+    }
+
+    /// Like [`Journal::open`]; `committed` is called after each commit that stored at
+    /// least one new message (the pipeline's wake-up).
+    pub fn open_notifying(
+        path: &Path,
+        committed: Option<Notify>,
+    ) -> Result<(Journal, std::thread::JoinHandle<()>), Error> {
         let connection = crate::db::open(path)?;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
-        let thread = writer::spawn(connection, receiver, healthy.clone());
+        let thread = writer::spawn(connection, receiver, healthy.clone(), committed);
         Ok((Journal { sender, healthy }, thread))
     }
 

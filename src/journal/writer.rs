@@ -7,7 +7,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::{Appended, Error, NewEntry, Request, Status};
+use super::{Appended, Error, NewEntry, Notify, Request, Status};
 
 /// Most appends committed in one transaction.
 pub const MAX_BATCH: usize = 512;
@@ -18,14 +18,20 @@ pub(super) fn spawn(
     connection: Connection,
     receiver: mpsc::Receiver<Request>,
     healthy: Arc<AtomicBool>,
+    committed: Option<Notify>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("journal-writer".to_string())
-        .spawn(move || run(connection, receiver, healthy))
+        .spawn(move || run(connection, receiver, healthy, committed))
         .expect("spawning a thread fails only when the OS is out of resources at startup")
 }
 
-fn run(mut connection: Connection, mut receiver: mpsc::Receiver<Request>, healthy: Arc<AtomicBool>) {
+fn run(
+    mut connection: Connection,
+    mut receiver: mpsc::Receiver<Request>,
+    healthy: Arc<AtomicBool>,
+    committed: Option<Notify>,
+) {
     let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
@@ -38,6 +44,10 @@ fn run(mut connection: Connection, mut receiver: mpsc::Receiver<Request>, health
         match write_batch(&mut connection, &batch) {
             Ok(outcomes) => {
                 healthy.store(true, Ordering::Relaxed);
+                let stored_any = outcomes.iter().any(|outcome| matches!(outcome, Appended::Stored { .. }));
+                if let (true, Some(committed)) = (stored_any, &committed) {
+                    committed();
+                }
                 for (request, outcome) in batch.drain(..).zip(outcomes) {
                     // A caller that went away (connection closed) needs no answer.
                     let _ = request.reply.send(Ok(outcome));

@@ -1,0 +1,287 @@
+//! `read`, `vread` and the three `history` interactions.
+//!
+//! Reads answer with `ETag: W/"n"` and `Last-Modified`, and honour `If-None-Match` and
+//! `If-Modified-Since` with 304. A deleted resource is 410 Gone; an unknown one 404. With
+//! a patient-level token, a resource outside that patient's compartment is 404, as if it
+//! did not exist (so that its existence is not disclosed).
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+
+use super::render::{self, Entry, Link, Subset};
+use super::{check_id, check_type, fhir_response, require, ApiError, ApiState, FhirRequest, Params};
+use crate::auth::Access;
+use crate::store::search::Summary;
+use crate::store::{self, HistoryQuery, StoredResource};
+
+/// `GET /fhir/{type}/{id}`.
+pub async fn read(
+    State(state): State<ApiState>,
+    request: FhirRequest,
+    Path((resource_type, id)): Path<(String, String)>,
+    Params(params): Params,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    check_id(&id)?;
+    let access = require(request.grant.can_read(&resource_type), &format!("reading {resource_type}"))?;
+    let (lookup_type, lookup_id) = (resource_type.clone(), id.clone());
+    let found = state
+        .store
+        .read(move |connection| {
+            let found = store::read(connection, &lookup_type, &lookup_id)?;
+            visible(connection, found, &access)
+        })
+        .await?;
+    let Some(resource) = found else {
+        return Err(ApiError::NotFound(format!("{resource_type}/{id} is not known")));
+    };
+    respond_version(resource, &request, &params, &headers, "read")
+}
+
+/// `GET /fhir/{type}/{id}/_history/{version}`.
+pub async fn vread(
+    State(state): State<ApiState>,
+    request: FhirRequest,
+    Path((resource_type, id, version)): Path<(String, String, String)>,
+    Params(params): Params,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    check_id(&id)?;
+    let Ok(number) = version.parse::<i64>() else {
+        return Err(ApiError::NotFound(format!("{resource_type}/{id} has no version `{version}`")));
+    };
+    let access = require(request.grant.can_read(&resource_type), &format!("reading {resource_type}"))?;
+    let (lookup_type, lookup_id) = (resource_type.clone(), id.clone());
+    let found = state
+        .store
+        .read(move |connection| {
+            let found = store::vread(connection, &lookup_type, &lookup_id, number)?;
+            visible(connection, found, &access)
+        })
+        .await?;
+    let Some(resource) = found else {
+        return Err(ApiError::NotFound(format!("{resource_type}/{id} has no version {version}")));
+    };
+    respond_version(resource, &request, &params, &headers, "vread")
+}
+
+/// Hides a resource outside the caller's patient compartment.
+fn visible(
+    connection: &rusqlite::Connection,
+    found: Option<StoredResource>,
+    access: &Access,
+) -> Result<Option<StoredResource>, store::StoreError> {
+    match (found, access) {
+        (Some(resource), Access::Patient(patient)) => {
+            let inside =
+                crate::store::search::in_compartment(connection, &resource.resource_type, &resource.id, patient)?;
+            Ok(inside.then_some(resource))
+        }
+        (found, _) => Ok(found),
+    }
+}
+
+fn respond_version(
+    resource: StoredResource,
+    request: &FhirRequest,
+    params: &[(String, String)],
+    headers: &HeaderMap,
+    interaction: &'static str,
+) -> Result<Response, ApiError> {
+    if resource.deleted {
+        return Err(ApiError::Gone(format!(
+            "{}/{} was deleted (version {})",
+            resource.resource_type, resource.id, resource.version
+        )));
+    }
+    let etag = render::etag(resource.version);
+    let last_modified = render::http_date(resource.last_updated_us);
+    if not_modified(headers, &etag, resource.last_updated_us) {
+        let mut response = fhir_response(StatusCode::NOT_MODIFIED, String::new(), interaction);
+        set_validators(&mut response, &etag, &last_modified);
+        return Ok(response);
+    }
+    let subset = subset_of(params)?;
+    let body = render::finish(render::subset_body(&resource.body, &subset), request.pretty);
+    let mut response = fhir_response(StatusCode::OK, body, interaction);
+    set_validators(&mut response, &etag, &last_modified);
+    Ok(response)
+}
+
+fn set_validators(response: &mut Response, etag: &str, last_modified: &str) {
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    if let Ok(value) = HeaderValue::from_str(last_modified) {
+        response.headers_mut().insert(header::LAST_MODIFIED, value);
+    }
+}
+
+/// `If-None-Match` (weak comparison, `*` matches) wins over `If-Modified-Since`.
+fn not_modified(headers: &HeaderMap, etag: &str, last_updated_us: i64) -> bool {
+    let tags: Vec<&str> = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .collect();
+    if !tags.is_empty() {
+        let bare = etag.trim_start_matches("W/");
+        return tags.iter().any(|tag| *tag == "*" || tag.trim_start_matches("W/") == bare);
+    }
+    let since =
+        headers.get(header::IF_MODIFIED_SINCE).and_then(|value| value.to_str().ok()).and_then(render::parse_http_date);
+    // HTTP dates have whole seconds: modified only if later than the second given.
+    since.is_some_and(|since| last_updated_us / 1_000_000 <= since / 1_000_000)
+}
+
+/// `_summary` and `_elements` on a read.
+fn subset_of(params: &[(String, String)]) -> Result<Subset, ApiError> {
+    let mut subset = Subset::default();
+    for (name, value) in params {
+        match name.as_str() {
+            "_elements" => subset.elements = Some(value.split(',').map(|element| element.trim().to_string()).collect()),
+            "_summary" => {
+                subset.summary = Some(match value.as_str() {
+                    "true" => Summary::True,
+                    "text" => Summary::Text,
+                    "data" => Summary::Data,
+                    "false" => Summary::False,
+                    other => {
+                        return Err(ApiError::BadRequest(vec![format!(
+                            "_summary={other} is not valid on a read (true, text, data, false)"
+                        )]))
+                    }
+                })
+            }
+            _ => {}
+        }
+    }
+    Ok(subset)
+}
+
+/// `GET /fhir/_history`.
+pub async fn system_history(
+    State(state): State<ApiState>,
+    request: FhirRequest,
+    Params(params): Params,
+) -> Result<Response, ApiError> {
+    if !matches!(request.grant.can_read("*"), Access::All) {
+        return Err(ApiError::Forbidden("system history needs read access to every resource type".to_string()));
+    }
+    history(state, request, params, None, None).await
+}
+
+/// `GET /fhir/{type}/_history`.
+pub async fn type_history(
+    State(state): State<ApiState>,
+    request: FhirRequest,
+    Path(resource_type): Path<String>,
+    Params(params): Params,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    if !matches!(request.grant.can_read(&resource_type), Access::All) {
+        return Err(ApiError::Forbidden(format!("type history needs read access to all {resource_type} resources")));
+    }
+    history(state, request, params, Some(resource_type), None).await
+}
+
+/// `GET /fhir/{type}/{id}/_history`.
+pub async fn instance_history(
+    State(state): State<ApiState>,
+    request: FhirRequest,
+    Path((resource_type, id)): Path<(String, String)>,
+    Params(params): Params,
+) -> Result<Response, ApiError> {
+    check_type(&resource_type)?;
+    check_id(&id)?;
+    let access = require(request.grant.can_read(&resource_type), &format!("reading {resource_type}"))?;
+    let (lookup_type, lookup_id) = (resource_type.clone(), id.clone());
+    let current = state
+        .store
+        .read(move |connection| {
+            let found = store::read(connection, &lookup_type, &lookup_id)?;
+            visible(connection, found, &access)
+        })
+        .await?;
+    if current.is_none() {
+        return Err(ApiError::NotFound(format!("{resource_type}/{id} is not known")));
+    }
+    history(state, request, params, Some(resource_type), Some(id)).await
+}
+
+async fn history(
+    state: ApiState,
+    request: FhirRequest,
+    params: Vec<(String, String)>,
+    resource_type: Option<String>,
+    id: Option<String>,
+) -> Result<Response, ApiError> {
+    let mut query = HistoryQuery {
+        resource_type: resource_type.clone(),
+        id: id.clone(),
+        count: crate::store::search::DEFAULT_COUNT,
+        ..HistoryQuery::default()
+    };
+    let mut problems = Vec::new();
+    for (name, value) in &params {
+        match name.as_str() {
+            "_count" => match value.parse::<usize>() {
+                Ok(count) => query.count = count.min(crate::store::search::MAX_COUNT),
+                Err(_) => problems.push(format!("_count={value} is not a number")),
+            },
+            "_offset" => match value.parse::<usize>() {
+                Ok(offset) => query.offset = offset,
+                Err(_) => problems.push(format!("_offset={value} is not a number")),
+            },
+            "_since" => match parse_instant(value) {
+                Some(us) => query.since_us = Some(us),
+                None => problems.push(format!("_since={value} is not an instant (e.g. 2024-01-31T10:00:00Z)")),
+            },
+            "_format" | "_pretty" => {}
+            other if request.strict => problems.push(format!("{other} is not supported on history")),
+            _ => {}
+        }
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::BadRequest(problems));
+    }
+    let page_query = query.clone();
+    let page = state.store.read(move |connection| store::history(connection, &page_query)).await?;
+    let path = match (&resource_type, &id) {
+        (Some(resource_type), Some(id)) => format!("{}/{resource_type}/{id}/_history", request.base),
+        (Some(resource_type), None) => format!("{}/{resource_type}/_history", request.base),
+        _ => format!("{}/_history", request.base),
+    };
+    let link = |offset: usize| {
+        let mut pairs =
+            vec![("_count".to_string(), query.count.to_string()), ("_offset".to_string(), offset.to_string())];
+        if let Some(since) = query.since_us {
+            pairs.push(("_since".to_string(), crate::telemetry::rfc3339_us(since)));
+        }
+        format!("{path}?{}", serde_urlencoded::to_string(&pairs).unwrap_or_default())
+    };
+    let mut links = vec![Link { relation: "self", url: link(query.offset) }];
+    if (query.offset + page.versions.len()) < page.total as usize && !page.versions.is_empty() {
+        links.push(Link { relation: "next", url: link(query.offset + page.versions.len()) });
+    }
+    if query.offset > 0 {
+        links.push(Link { relation: "previous", url: link(query.offset.saturating_sub(query.count)) });
+    }
+    let entries: Vec<Entry<'_>> = page.versions.iter().map(|resource| Entry { resource, search_mode: None }).collect();
+    let body = render::bundle("history", &request.base, Some(page.total), &links, &entries, None, &Subset::default());
+    Ok(fhir_response(StatusCode::OK, render::finish(body, request.pretty), "history"))
+}
+
+/// An instant or date for `_since` (`2024-01-31`, `2024-01-31T10:00:00Z`, with offset).
+fn parse_instant(text: &str) -> Option<i64> {
+    if let Ok(timestamp) = text.parse::<jiff::Timestamp>() {
+        return Some(timestamp.as_microsecond());
+    }
+    let date = text.parse::<jiff::civil::Date>().ok()?;
+    Some(date.to_zoned(jiff::tz::TimeZone::UTC).ok()?.timestamp().as_microsecond())
+}

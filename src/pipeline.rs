@@ -1,0 +1,530 @@
+//! The processing pipeline, the one module that knows the whole flow: journal row →
+//! decode → parse → map → store, with the message's outcome written in the same SQLite
+//! transaction as its resources.
+//!
+//! # Design
+//! - **One worker thread** owns a write connection. It claims the oldest `accepted` journal
+//!   rows (up to [`BATCH`]), converts them (in parallel, conversion is pure), then applies
+//!   the results **in journal order** in one transaction: each Bundle entry is put into the
+//!   store, and the row becomes `processed` (with its conversion report) or `failed` (with
+//!   the error). Journal order is arrival order, so each sender's messages are applied in
+//!   the order they were sent: an A08 after an A01 updates the Patient the A01 created.
+//! - **Crash safety.** A crash before the commit leaves the rows `accepted`; they are
+//!   converted again at the next start. Putting an unchanged resource writes nothing, so
+//!   the repeat is harmless.
+//! - **Failures stay with the message.** A message that cannot be decoded, parsed or mapped
+//!   is `failed` with the reason. After the mapping is fixed (and reloaded), an operator
+//!   requeues it ([`requeue`], via `/admin` or the `messages reprocess` command).
+//! - **Wake-ups.** The journal signals after each commit; without a signal the worker looks
+//!   again every [`IDLE_POLL`], so rows requeued by another process are picked up too.
+
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
+
+use crate::hl7::charset::Charset;
+use crate::mapping::{ConvertError, Converted, Engine};
+use crate::store::{self, StoreError};
+use crate::telemetry::{self, Metrics};
+
+/// Most messages converted and committed together.
+pub const BATCH: usize = 64;
+/// How often an idle worker looks for requeued messages nobody signalled.
+pub const IDLE_POLL: Duration = Duration::from_millis(500);
+/// Wait after a failed store transaction before trying the batch again.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Pipeline errors (all from the database; conversion failures are a message's outcome).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// SQLite refused an operation.
+    #[error("pipeline: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The store refused a write.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The database could not be opened.
+    #[error(transparent)]
+    Open(#[from] crate::db::Error),
+    /// The worker thread could not be started.
+    #[error("cannot start the pipeline thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Statuses a journal row moves through after `accepted`.
+pub mod status {
+    /// Stored, waiting for the pipeline.
+    pub const ACCEPTED: &str = "accepted";
+    /// Converted; its resources are in the store.
+    pub const PROCESSED: &str = "processed";
+    /// Could not be converted; `error` says why.
+    pub const FAILED: &str = "failed";
+    /// Answered with a NAK at ingest; never processed.
+    pub const REFUSED: &str = "refused";
+}
+
+/// A wake-up signal from the journal (or the admin API) to the worker.
+#[derive(Default)]
+pub struct Wakeup {
+    pending: Mutex<bool>,
+    condition: Condvar,
+}
+
+impl Wakeup {
+    /// Signals that there may be work.
+    pub fn wake(&self) {
+        let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *pending = true;
+        self.condition.notify_one();
+    }
+
+    /// Waits for a signal or `timeout`, whichever comes first.
+    fn wait(&self, timeout: Duration) {
+        let pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (mut pending, _) = self
+            .condition
+            .wait_timeout_while(pending, timeout, |pending| !*pending)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *pending = false;
+    }
+}
+
+/// The mappings in use; replaced as a whole when an operator reloads them.
+pub type SharedEngine = Arc<RwLock<Arc<Engine>>>;
+
+/// Handle to the running worker.
+pub struct Pipeline {
+    wakeup: Arc<Wakeup>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pipeline {
+    /// Opens a write connection to the database at `path` and starts the worker.
+    /// `wakeup` is the signal the journal and the admin API raise when there is work.
+    pub fn start(
+        path: &Path,
+        engine: SharedEngine,
+        wakeup: Arc<Wakeup>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Pipeline, Error> {
+        let connection = crate::db::open(path)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let worker = Worker { connection, engine, metrics, wakeup: wakeup.clone(), stop: stop.clone() };
+        let thread = std::thread::Builder::new()
+            .name("pipeline".to_string())
+            .spawn(move || worker.run())
+            .map_err(Error::Thread)?;
+        Ok(Pipeline { wakeup, stop, thread: Some(thread) })
+    }
+
+    /// The signal that makes the worker look for work now.
+    pub fn wakeup(&self) -> Arc<Wakeup> {
+        self.wakeup.clone()
+    }
+
+    /// Stops the worker after the batch it is on and waits for it.
+    pub fn stop(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wakeup.wake();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("pipeline worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+struct Worker {
+    connection: Connection,
+    engine: SharedEngine,
+    metrics: Arc<Metrics>,
+    wakeup: Arc<Wakeup>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A claimed journal row.
+struct Claimed {
+    id: i64,
+    received_at_us: i64,
+    charset: String,
+    raw: Vec<u8>,
+    raw_truncated: bool,
+}
+
+/// Why a message failed, kept in the row's `error` column.
+#[derive(Debug)]
+enum Failure {
+    Decode(String),
+    Convert(ConvertError),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Decode(reason) => write!(formatter, "cannot decode: {reason}"),
+            Failure::Convert(error) => write!(formatter, "{error}"),
+        }
+    }
+}
+
+impl Failure {
+    /// A label for metrics and logs that carries no message content.
+    fn kind(&self) -> &'static str {
+        match self {
+            Failure::Decode(_) => "decode",
+            Failure::Convert(ConvertError::Parse(_)) => "parse",
+            Failure::Convert(ConvertError::Unrouted { .. }) => "unrouted",
+            Failure::Convert(ConvertError::Invalid { .. }) => "invalid",
+        }
+    }
+}
+
+impl Worker {
+    fn run(mut self) {
+        // Busy waits are short: the journal writer's transactions take about a millisecond.
+        self.connection
+            .busy_handler(Some(|attempt| {
+                std::thread::sleep(Duration::from_micros(200));
+                attempt < 100_000
+            }))
+            .ok();
+        while !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            match self.step() {
+                Ok(0) => self.wakeup.wait(IDLE_POLL),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::error!(error = %error, "pipeline batch failed; retrying");
+                    self.wakeup.wait(RETRY_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// Claims, converts and stores one batch; returns how many messages it handled.
+    fn step(&mut self) -> Result<usize, Error> {
+        let claimed = claim(&self.connection, BATCH)?;
+        if claimed.is_empty() {
+            self.metrics.pipeline_backlog.set(0);
+            return Ok(0);
+        }
+        let engine = self.engine.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let outcomes = convert_all(&engine, &claimed);
+        let now_us = telemetry::now_us();
+        let transaction = self.connection.transaction()?;
+        let mut counts = Vec::with_capacity(claimed.len());
+        for (message, outcome) in claimed.iter().zip(&outcomes) {
+            counts.push(apply(&transaction, message, outcome, now_us)?);
+        }
+        transaction.commit()?;
+        for (message, (outcome, resources)) in claimed.iter().zip(outcomes.iter().zip(counts)) {
+            let latency = (now_us - message.received_at_us).max(0) as f64 / 1e6;
+            self.metrics.pipeline_latency.observe(latency);
+            match outcome {
+                Ok(_) => {
+                    self.metrics.pipeline_messages.get_or_create(&outcome_label("processed")).inc();
+                    tracing::debug!(message = message.id, resources, "message processed");
+                }
+                Err(failure) => {
+                    self.metrics.pipeline_messages.get_or_create(&outcome_label(failure.kind())).inc();
+                    if telemetry::log_phi() {
+                        tracing::warn!(message = message.id, kind = failure.kind(), error = %failure, "message failed");
+                    } else {
+                        tracing::warn!(
+                            message = message.id,
+                            kind = failure.kind(),
+                            "message failed; see /admin/messages"
+                        );
+                    }
+                }
+            }
+        }
+        let backlog: i64 =
+            self.connection
+                .query_row("SELECT count(*) FROM messages WHERE status = 'accepted'", [], |row| row.get(0))?;
+        self.metrics.pipeline_backlog.set(backlog);
+        Ok(claimed.len())
+    }
+}
+
+fn outcome_label(outcome: &str) -> telemetry::OutcomeLabels {
+    telemetry::OutcomeLabels { outcome: outcome.to_string() }
+}
+
+fn claim(connection: &Connection, limit: usize) -> Result<Vec<Claimed>, Error> {
+    let mut statement = connection.prepare_cached(
+        "SELECT id, received_at_us, charset, raw, raw_truncated FROM messages
+         WHERE status = 'accepted' ORDER BY id LIMIT ?1",
+    )?;
+    let rows = statement.query_map([limit as i64], |row| {
+        Ok(Claimed {
+            id: row.get(0)?,
+            received_at_us: row.get(1)?,
+            charset: row.get(2)?,
+            raw: row.get(3)?,
+            raw_truncated: row.get(4)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Converts every claimed message; on two or more cores, in parallel chunks.
+fn convert_all(engine: &Engine, claimed: &[Claimed]) -> Vec<Result<Converted, Failure>> {
+    let workers = std::thread::available_parallelism().map_or(1, |count| count.get()).min(4);
+    if workers <= 1 || claimed.len() < 4 {
+        return claimed.iter().map(|message| convert_one(engine, message)).collect();
+    }
+    let chunk = claimed.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = claimed
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || part.iter().map(|message| convert_one(engine, message)).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| {
+                // Conversion does not panic on input (the engine is tested on fuzz inputs); a
+                // panic here is a bug, and re-raising it stops the worker loudly.
+                handle.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
+fn convert_one(engine: &Engine, message: &Claimed) -> Result<Converted, Failure> {
+    if message.raw_truncated {
+        return Err(Failure::Decode("only the start of an oversize frame was kept".to_string()));
+    }
+    let charset = Charset::from_name(&message.charset)
+        .ok_or_else(|| Failure::Decode(format!("unknown character set {}", message.charset)))?;
+    let text = charset.decode(&message.raw).map_err(|error| Failure::Decode(error.to_string()))?;
+    engine.convert(&text).map_err(Failure::Convert)
+}
+
+/// Writes one message's outcome; returns the number of resources stored.
+fn apply(
+    transaction: &rusqlite::Transaction<'_>,
+    message: &Claimed,
+    outcome: &Result<Converted, Failure>,
+    now_us: i64,
+) -> Result<usize, Error> {
+    match outcome {
+        Ok(converted) => {
+            let mut stored = 0;
+            for entry in converted.bundle.get("entry").and_then(Value::as_array).into_iter().flatten() {
+                let method = entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("PUT");
+                match (method, entry.get("resource")) {
+                    ("DELETE", _) => {
+                        let url = entry.pointer("/request/url").and_then(Value::as_str).unwrap_or("");
+                        if let Some((resource_type, id)) = url.split_once('/') {
+                            store::delete(transaction, resource_type, id, now_us, Some(message.id))?;
+                        }
+                    }
+                    (_, Some(resource)) => {
+                        store::put(transaction, resource, now_us, Some(message.id))?;
+                        stored += 1;
+                    }
+                    (_, None) => {}
+                }
+            }
+            let report = serde_json::to_string(&converted.report).unwrap_or_default();
+            transaction
+                .prepare_cached(
+                    "UPDATE messages SET status = 'processed', error = NULL, report = ?2,
+                        processed_at_us = ?3, attempts = attempts + 1 WHERE id = ?1",
+                )?
+                .execute(params![message.id, report, now_us])?;
+            Ok(stored)
+        }
+        Err(failure) => {
+            transaction
+                .prepare_cached(
+                    "UPDATE messages SET status = 'failed', error = ?2, report = NULL,
+                        processed_at_us = ?3, attempts = attempts + 1 WHERE id = ?1",
+                )?
+                .execute(params![message.id, failure.to_string(), now_us])?;
+            Ok(0)
+        }
+    }
+}
+
+/// Which messages [`requeue`] moves back to `accepted`.
+#[derive(Clone, Debug)]
+pub enum Requeue {
+    /// These journal rows (when `failed` or `processed`).
+    Ids(Vec<i64>),
+    /// Every `failed` row.
+    AllFailed,
+}
+
+/// Moves messages back to `accepted` so that the pipeline converts them again (after a
+/// mapping fix). Refused messages are never requeued. Returns the number requeued.
+pub fn requeue(connection: &Connection, which: &Requeue) -> Result<usize, Error> {
+    let changed = match which {
+        Requeue::AllFailed => {
+            connection.execute("UPDATE messages SET status = 'accepted' WHERE status = 'failed'", [])?
+        }
+        Requeue::Ids(ids) => {
+            let mut statement = connection.prepare_cached(
+                "UPDATE messages SET status = 'accepted' WHERE id = ?1 AND status IN ('failed', 'processed')",
+            )?;
+            let mut changed = 0;
+            for id in ids {
+                changed += statement.execute([id])?;
+            }
+            changed
+        }
+    };
+    Ok(changed)
+}
+
+/// A journal row as operators see it (`/admin/messages`, `messages list`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MessageSummary {
+    /// Journal row id.
+    pub id: i64,
+    /// Receive time, RFC 3339.
+    pub received_at: String,
+    /// Remote address.
+    pub peer: String,
+    /// MSH-3^MSH-4.
+    pub sender: String,
+    /// MSH-9.
+    pub message_type: String,
+    /// MSH-10.
+    pub control_id: String,
+    /// MSH-12.
+    pub version: String,
+    /// accepted, processed, failed, refused.
+    pub status: String,
+    /// MSA-1 sent.
+    pub ack_code: String,
+    /// Why it failed or was refused.
+    pub error: Option<String>,
+    /// Times it was processed.
+    pub attempts: i64,
+    /// Times a duplicate of it arrived.
+    pub duplicates: i64,
+}
+
+/// One row in full: the summary, the raw message (as decoded text) and the report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MessageDetail {
+    /// The row's summary.
+    #[serde(flatten)]
+    pub summary: MessageSummary,
+    /// The message text, decoded by its character set (segments separated by `\r`).
+    pub raw: String,
+    /// The ACK sent, as text.
+    pub ack: String,
+    /// The conversion report of the last successful processing.
+    pub report: Option<Value>,
+}
+
+/// Filter of [`list_messages`].
+#[derive(Clone, Debug, Default)]
+pub struct MessageFilter {
+    /// Only rows with this status.
+    pub status: Option<String>,
+    /// Only rows with id below this (paging backwards from the newest).
+    pub before_id: Option<i64>,
+    /// Page size.
+    pub limit: usize,
+}
+
+const SUMMARY_COLUMNS: &str = "id, received_at_us, peer, sending_application, sending_facility, message_type,
+    control_id, version, status, ack_code, error, attempts, duplicates";
+
+fn summary_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<MessageSummary> {
+    let received_at_us: i64 = row.get(1)?;
+    let application: String = row.get(3)?;
+    let facility: String = row.get(4)?;
+    Ok(MessageSummary {
+        id: row.get(0)?,
+        received_at: telemetry::rfc3339_us(received_at_us),
+        peer: row.get(2)?,
+        sender: format!("{application}^{facility}"),
+        message_type: row.get(5)?,
+        control_id: row.get(6)?,
+        version: row.get(7)?,
+        status: row.get(8)?,
+        ack_code: row.get(9)?,
+        error: row.get(10)?,
+        attempts: row.get(11)?,
+        duplicates: row.get(12)?,
+    })
+}
+
+/// Newest first.
+pub fn list_messages(connection: &Connection, filter: &MessageFilter) -> Result<Vec<MessageSummary>, Error> {
+    let sql = format!(
+        "SELECT {SUMMARY_COLUMNS} FROM messages
+         WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR id < ?2)
+         ORDER BY id DESC LIMIT ?3"
+    );
+    let mut statement = connection.prepare_cached(&sql)?;
+    let rows = statement
+        .query_map(params![filter.status, filter.before_id, filter.limit.max(1) as i64], |row| summary_from_row(row))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Counts per status (for `/admin/messages/stats` and readiness).
+pub fn status_counts(connection: &Connection) -> Result<Vec<(String, i64)>, Error> {
+    let mut statement = connection.prepare_cached("SELECT status, count(*) FROM messages GROUP BY status")?;
+    let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// One row in full, or `None`.
+pub fn message_detail(connection: &Connection, id: i64) -> Result<Option<MessageDetail>, Error> {
+    let sql = format!("SELECT {SUMMARY_COLUMNS}, charset, raw, ack, report FROM messages WHERE id = ?1");
+    let found = connection
+        .query_row(&sql, [id], |row| {
+            let summary = summary_from_row(row)?;
+            let charset: String = row.get(13)?;
+            let raw: Vec<u8> = row.get(14)?;
+            let ack: Vec<u8> = row.get(15)?;
+            let report: Option<String> = row.get(16)?;
+            Ok((summary, charset, raw, ack, report))
+        })
+        .optional()?;
+    Ok(found.map(|(summary, charset, raw, ack, report)| {
+        let charset = Charset::from_name(&charset).unwrap_or(Charset::Latin1);
+        let decode =
+            |bytes: &[u8]| charset.decode(bytes).unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
+        MessageDetail {
+            summary,
+            raw: decode(&raw),
+            ack: decode(&ack),
+            report: report.and_then(|text| serde_json::from_str(&text).ok()),
+        }
+    }))
+}
+
+/// The shared engine holder for a freshly loaded engine.
+pub fn shared(engine: Engine) -> SharedEngine {
+    Arc::new(RwLock::new(Arc::new(engine)))
+}
+
+/// How long the worker has been behind: age of the oldest `accepted` row, if any.
+pub fn oldest_unprocessed_age(connection: &Connection) -> Result<Option<Duration>, Error> {
+    let oldest: Option<i64> =
+        connection
+            .query_row("SELECT min(received_at_us) FROM messages WHERE status = 'accepted'", [], |row| row.get(0))?;
+    Ok(oldest.map(|received| Duration::from_micros((telemetry::now_us() - received).max(0) as u64)))
+}
