@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use hl7_fhir_gateway::commands::admin::{self, AdminClient};
 use hl7_fhir_gateway::commands::{convert, health, send};
 use hl7_fhir_gateway::config::{self, Overrides};
 use hl7_fhir_gateway::mapping::{Engine, Sources};
@@ -23,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway: MLLP listener, journal, HTTP health and metrics.
+    /// Run the gateway: MLLP listener, journal, pipeline, FHIR API, health and metrics.
     Serve(ServeArgs),
     /// Send the messages of one or more files over MLLP and print each acknowledgment.
     Send(SendArgs),
@@ -33,6 +34,60 @@ enum Command {
     Convert(ConvertArgs),
     /// Compile the mapping files and report every error with file, line and reason.
     CheckMappings(CheckMappingsArgs),
+    /// Inspect the message journal of a running gateway and reprocess failed messages.
+    Messages(MessagesArgs),
+    /// Make a running gateway recompile its mapping files and use them from now on.
+    ReloadMappings(AdminArgs),
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// Base URL of the gateway's HTTP listener.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    http: String,
+    /// File holding a bearer token with the admin scope (when the gateway has auth).
+    #[arg(long, env = "HL7GW_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM file of CAs to trust for an https URL (default: the system's roots).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct MessagesArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[command(subcommand)]
+    action: MessagesAction,
+}
+
+#[derive(Subcommand)]
+enum MessagesAction {
+    /// List messages, newest first: id, received, sender, type, control id, status, attempts, error.
+    List {
+        /// Only messages with this status: accepted, processed, failed, refused.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Counts per status and the age of the oldest unprocessed message.
+    Stats,
+    /// One message as JSON: raw text, ACK sent, error, conversion report.
+    Show {
+        /// Journal id (first column of `messages list`).
+        id: i64,
+    },
+    /// Convert messages again (after fixing and reloading the mappings).
+    Reprocess {
+        /// Journal ids to reprocess.
+        #[arg(required_unless_present = "failed", conflicts_with = "failed")]
+        ids: Vec<i64>,
+        /// Reprocess every failed message.
+        #[arg(long)]
+        failed: bool,
+    },
 }
 
 #[derive(Args)]
@@ -135,6 +190,8 @@ fn main() -> ExitCode {
             Command::Health(args) => check_health(args).await,
             Command::Convert(args) => convert_files(args),
             Command::CheckMappings(args) => check_mappings(args),
+            Command::Messages(args) => messages(args).await,
+            Command::ReloadMappings(args) => reload_mappings(args).await,
         }
     });
     match result {
@@ -182,6 +239,61 @@ async fn send_files(args: SendArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let summary = send::run(&args.files, &options, &mut stdout).await?;
     Ok(if summary.not_accepted == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let token = args.token_file.as_deref().map(admin::read_token).transpose()?;
+    AdminClient::new(admin::Target { base: args.http.clone(), token, ca_file: args.ca_file.clone() })
+}
+
+async fn messages(args: MessagesArgs) -> anyhow::Result<ExitCode> {
+    let client = admin_client(&args.admin)?;
+    match args.action {
+        MessagesAction::List { status, limit } => {
+            let mut query = vec![("limit".to_string(), limit.to_string())];
+            if let Some(status) = status {
+                query.push(("status".to_string(), status));
+            }
+            let answer = client.get(&format!("/admin/messages?{}", serde_urlencoded::to_string(&query)?)).await?;
+            print!("{}", admin::format_list(&answer));
+        }
+        MessagesAction::Stats => {
+            println!("{}", serde_json::to_string_pretty(&client.get("/admin/messages/stats").await?)?);
+        }
+        MessagesAction::Show { id } => {
+            println!("{}", serde_json::to_string_pretty(&client.get(&format!("/admin/messages/{id}")).await?)?);
+        }
+        MessagesAction::Reprocess { ids, failed } => {
+            if failed {
+                let answer = client.post("/admin/messages/reprocess?status=failed").await?;
+                println!("requeued {}", answer["requeued"]);
+            } else {
+                let mut problems = 0;
+                for id in ids {
+                    match client.post(&format!("/admin/messages/{id}/reprocess")).await {
+                        Ok(_) => println!("{id} requeued"),
+                        Err(error) => {
+                            problems += 1;
+                            eprintln!("{id}: {error:#}");
+                        }
+                    }
+                }
+                if problems > 0 {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn reload_mappings(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    let answer = admin_client(&args)?.post("/admin/mappings/reload").await?;
+    println!(
+        "mappings reloaded: {} message maps, {} sender overlays",
+        answer["message_maps"], answer["sender_overlays"]
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_mappings(sources: &Sources) -> anyhow::Result<Engine> {

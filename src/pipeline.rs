@@ -478,8 +478,8 @@ pub fn list_messages(connection: &Connection, filter: &MessageFilter) -> Result<
          ORDER BY id DESC LIMIT ?3"
     );
     let mut statement = connection.prepare_cached(&sql)?;
-    let rows = statement
-        .query_map(params![filter.status, filter.before_id, filter.limit.max(1) as i64], |row| summary_from_row(row))?;
+    let rows =
+        statement.query_map(params![filter.status, filter.before_id, filter.limit.max(1) as i64], summary_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
