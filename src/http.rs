@@ -26,6 +26,10 @@ pub struct Config {
     /// used in Bundle links and fullUrls. Without it, the request's Host header is used.
     #[serde(default)]
     pub public_url: Option<String>,
+    /// HTTPS for the whole HTTP listener (FHIR, admin, health, metrics); absent = plain
+    /// HTTP. Same keys as `mllp.tls` (`client_ca_file` requires client certificates).
+    #[serde(default)]
+    pub tls: Option<crate::mllp::TlsConfig>,
 }
 
 fn default_listen() -> String {
@@ -34,7 +38,7 @@ fn default_listen() -> String {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { listen: default_listen(), public_url: None }
+        Config { listen: default_listen(), public_url: None, tls: None }
     }
 }
 
@@ -45,6 +49,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Public base URL of the FHIR API, without trailing slash.
     pub public_url: Option<String>,
+    /// HTTPS settings.
+    pub tls: Option<crate::mllp::TlsConfig>,
 }
 
 impl Config {
@@ -59,7 +65,16 @@ impl Config {
             }
             None => None,
         };
-        Ok(Settings { listen: setting::socket_address("http.listen", &self.listen)?, public_url })
+        if let Some(tls) = &self.tls {
+            if tls.handshake_timeout_secs == 0 {
+                return Err(Invalid::new("http.tls.handshake_timeout_secs", "must be at least 1"));
+            }
+        }
+        Ok(Settings {
+            listen: setting::socket_address("http.listen", &self.listen)?,
+            public_url,
+            tls: self.tls.clone(),
+        })
     }
 }
 
@@ -102,4 +117,55 @@ async fn ready(State(state): State<AppState>) -> Response {
 
 async fn metrics(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode()).into_response()
+}
+
+/// Serves `router` over TLS on `listener` until `stop` is cancelled; then lets open
+/// connections finish their requests. Handshakes that take longer than `handshake_timeout`
+/// are dropped, so that idle sockets cannot pile up.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake_timeout: std::time::Duration,
+    router: Router,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(error = %error, "https accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(peer = %peer, error = %error, "https handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(peer = %peer, "https handshake timed out");
+                    return;
+                }
+            };
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(peer = %peer, error = %error, "https connection ended with an error");
+            }
+        });
+    }
+    if tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+        tracing::warn!("https connections still open after 10 s; closing them");
+    }
 }

@@ -151,6 +151,7 @@ impl Gateway {
             verifier,
             auth: settings.auth.clone(),
             public_url: settings.http.public_url.clone(),
+            scheme: if settings.http.tls.is_some() { "https" } else { "http" },
             metrics: metrics.clone(),
             admin: Arc::new(api::admin::AdminState {
                 database: database.clone(),
@@ -162,14 +163,24 @@ impl Gateway {
         let router = http::router(http::AppState { metrics: metrics.clone(), readiness }).merge(api::router(api_state));
         let http_stop = CancellationToken::new();
         let http_stop_signal = http_stop.clone();
-        let http_server = tokio::spawn(async move {
-            let served = axum::serve(http_listener, router)
-                .with_graceful_shutdown(async move { http_stop_signal.cancelled().await })
-                .await;
-            if let Err(error) = served {
-                tracing::error!(error = %error, "http server failed");
+        let http_server = match &settings.http.tls {
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(crate::mllp::tls::server_config_with_alpn(
+                    tls,
+                    &[b"h2".to_vec(), b"http/1.1".to_vec()],
+                )?);
+                let handshake_timeout = Duration::from_secs(tls.handshake_timeout_secs);
+                tokio::spawn(http::serve_tls(http_listener, acceptor, handshake_timeout, router, http_stop_signal))
             }
-        });
+            None => tokio::spawn(async move {
+                let served = axum::serve(http_listener, router)
+                    .with_graceful_shutdown(async move { http_stop_signal.cancelled().await })
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(error = %error, "http server failed");
+                }
+            }),
+        };
 
         let stop_signal = shutdown.clone();
         let stopped = tokio::spawn(async move {

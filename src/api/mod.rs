@@ -47,6 +47,8 @@ pub struct ApiState {
     /// Public base URL of the FHIR API (`https://host/fhir`); derived from the `Host`
     /// header when not configured.
     pub public_url: Option<String>,
+    /// `https` when the listener serves TLS, else `http` (for links without `public_url`).
+    pub scheme: &'static str,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// What the admin routes need.
@@ -358,7 +360,7 @@ fn base_url(state: &ApiState, headers: &HeaderMap) -> String {
     // The Host header is the client's; keep only characters a host and port can have.
     let host: String =
         host.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')).collect();
-    format!("http://{host}/fhir")
+    format!("{}://{host}/fhir", state.scheme)
 }
 
 /// Access check: 403 unless the grant can read (or search) `resource_type`.

@@ -61,6 +61,13 @@ fn root_store(path: &Path) -> Result<RootCertStore, Error> {
     Ok(roots)
 }
 
+/// A server configuration that offers `protocols` by ALPN (HTTPS: `h2`, `http/1.1`).
+pub fn server_config_with_alpn(tls: &TlsConfig, protocols: &[Vec<u8>]) -> Result<Arc<ServerConfig>, Error> {
+    let mut config = Arc::unwrap_or_clone(server_config(tls)?);
+    config.alpn_protocols = protocols.to_vec();
+    Ok(Arc::new(config))
+}
+
 /// The listener's rustls configuration.
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<ServerConfig>, Error> {
     let certificates = load_certificates(&tls.cert_file)?;
