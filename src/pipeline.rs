@@ -528,3 +528,149 @@ pub fn oldest_unprocessed_age(connection: &Connection) -> Result<Option<Duration
             .query_row("SELECT min(received_at_us) FROM messages WHERE status = 'accepted'", [], |row| row.get(0))?;
     Ok(oldest.map(|received| Duration::from_micros((telemetry::now_us() - received).max(0) as u64)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A01: &str = "MSH|^~\\&|EPIC|HOSP|GW|GW|202401150830||ADT^A01^ADT_A01|P-A01|P|2.5.1\r\
+EVN|A01|202401150830\r\
+PID|1||MRN-7^^^HOSP^MR||Roe^Richard||19700304|M\r\
+PV1|1|I|W^1^A^HOSP||||||||||||||||V-7^^^HOSP^VN\r";
+    const A08: &str = "MSH|^~\\&|EPIC|HOSP|GW|GW|202401151000||ADT^A08^ADT_A01|P-A08|P|2.5.1\r\
+EVN|A08|202401151000\r\
+PID|1||MRN-7^^^HOSP^MR||Roe^Rick||19700304|M\r\
+PV1|1|I|W^2^A^HOSP||||||||||||||||V-7^^^HOSP^VN\r";
+    const UNMAPPED: &str = "MSH|^~\\&|EPIC|HOSP|GW|GW|202401151100||ZZZ^Z01|P-ZZZ|P|2.5.1\r";
+
+    fn insert(connection: &Connection, control_id: &str, text: &str) -> i64 {
+        connection
+            .execute(
+                "INSERT INTO messages (received_at_us, peer, sending_application, sending_facility,
+                    receiving_application, receiving_facility, message_datetime, message_type, control_id,
+                    version, charset, content_sha256, raw, ack_code, ack, status)
+                 VALUES (?1, 'test', 'EPIC', 'HOSP', 'GW', 'GW', '', '', ?2, '2.5.1', 'UNICODE UTF-8', x'00',
+                    ?3, 'AA', x'00', 'accepted')",
+                params![telemetry::now_us(), control_id, text.as_bytes()],
+            )
+            .unwrap();
+        connection.last_insert_rowid()
+    }
+
+    fn worker(path: &Path) -> Worker {
+        Worker {
+            connection: crate::db::open(path).unwrap(),
+            engine: shared(Engine::builtin().unwrap()),
+            metrics: Arc::new(Metrics::new()),
+            wakeup: Arc::new(Wakeup::default()),
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    fn status_of(connection: &Connection, id: i64) -> (String, Option<String>, i64) {
+        connection
+            .query_row("SELECT status, error, attempts FROM messages WHERE id = ?1", [id], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
+            .unwrap()
+    }
+
+    fn patient_of(connection: &Connection) -> crate::store::StoredResource {
+        let id: String = connection
+            .query_row("SELECT id FROM resources WHERE type = 'Patient' LIMIT 1", [], |row| row.get(0))
+            .unwrap();
+        crate::store::read(connection, "Patient", &id).unwrap().unwrap()
+    }
+
+    #[test]
+    fn messages_are_applied_in_arrival_order_and_an_update_makes_a_new_version() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("gateway.db");
+        let connection = crate::db::open(&path).unwrap();
+        let first = insert(&connection, "P-A01", A01);
+        let second = insert(&connection, "P-A08", A08);
+        let mut worker = worker(&path);
+        assert_eq!(worker.step().unwrap(), 2);
+        assert_eq!(worker.step().unwrap(), 0);
+        assert_eq!(status_of(&connection, first).0, "processed");
+        assert_eq!(status_of(&connection, second).0, "processed");
+        let patient = patient_of(&connection);
+        assert_eq!(patient.version, 2);
+        let body: Value = serde_json::from_str(&patient.body).unwrap();
+        assert_eq!(body["name"][0]["given"][0], "Rick");
+        // The report is kept with the message.
+        let report: Option<String> =
+            connection.query_row("SELECT report FROM messages WHERE id = ?1", [first], |row| row.get(0)).unwrap();
+        assert!(serde_json::from_str::<Value>(&report.unwrap()).unwrap().is_object());
+    }
+
+    #[test]
+    fn reprocessing_an_unchanged_message_creates_no_version() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("gateway.db");
+        let connection = crate::db::open(&path).unwrap();
+        let id = insert(&connection, "P-A01", A01);
+        let mut worker = worker(&path);
+        worker.step().unwrap();
+        assert_eq!(requeue(&connection, &Requeue::Ids(vec![id])).unwrap(), 1);
+        assert_eq!(worker.step().unwrap(), 1);
+        assert_eq!(status_of(&connection, id), ("processed".to_string(), None, 2));
+        assert_eq!(patient_of(&connection).version, 1);
+    }
+
+    #[test]
+    fn a_failed_message_keeps_its_error_and_can_be_requeued() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("gateway.db");
+        let connection = crate::db::open(&path).unwrap();
+        let id = insert(&connection, "P-ZZZ", UNMAPPED);
+        let mut worker = worker(&path);
+        worker.step().unwrap();
+        let (status, error, attempts) = status_of(&connection, id);
+        assert_eq!((status.as_str(), attempts), ("failed", 1));
+        assert!(error.unwrap().contains("no mapping handles ZZZ^Z01"));
+        let listed = list_messages(
+            &connection,
+            &MessageFilter { status: Some("failed".into()), limit: 10, ..Default::default() },
+        )
+        .unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].control_id, "P-ZZZ");
+        assert_eq!(requeue(&connection, &Requeue::AllFailed).unwrap(), 1);
+        assert_eq!(status_of(&connection, id).0, "accepted");
+        worker.step().unwrap();
+        assert_eq!(status_of(&connection, id).2, 2);
+        let detail = message_detail(&connection, id).unwrap().unwrap();
+        assert!(detail.raw.starts_with("MSH|"));
+    }
+
+    #[test]
+    fn refused_messages_are_never_requeued() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("gateway.db");
+        let connection = crate::db::open(&path).unwrap();
+        let id = insert(&connection, "P-REF", UNMAPPED);
+        connection.execute("UPDATE messages SET status = 'refused' WHERE id = ?1", [id]).unwrap();
+        assert_eq!(requeue(&connection, &Requeue::Ids(vec![id])).unwrap(), 0);
+        assert_eq!(requeue(&connection, &Requeue::AllFailed).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_worker_wakes_on_a_signal_and_stops_when_asked() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("gateway.db");
+        let connection = crate::db::open(&path).unwrap();
+        let wakeup = Arc::new(Wakeup::default());
+        let pipeline =
+            Pipeline::start(&path, shared(Engine::builtin().unwrap()), wakeup.clone(), Arc::new(Metrics::new()))
+                .unwrap();
+        let id = insert(&connection, "P-A01", A01);
+        wakeup.wake();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while status_of(&connection, id).0 != "processed" {
+            assert!(std::time::Instant::now() < deadline, "the worker never processed the message");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pipeline.stop();
+    }
+}
