@@ -20,6 +20,7 @@
 //! - [`commands`]: the `send` and `health` clients.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod commands;
 pub mod config;
 pub mod db;
