@@ -908,3 +908,706 @@ pub fn smart_configuration(settings: &Settings) -> Value {
     document.insert("code_challenge_methods_supported".to_string(), json!(challenge_methods));
     Value::Object(document)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use jsonwebtoken::{EncodingKey, Header};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    const ISSUER: &str = "https://idp.example.org";
+    const AUDIENCE: &str = "https://gateway.example.org/fhir";
+
+    fn base64url(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+            for i in 0..=chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            }
+        }
+        out
+    }
+
+    /// A signing key and its public JWK.
+    struct Signer {
+        kid: String,
+        algorithm: Algorithm,
+        encoding: EncodingKey,
+        jwk: Value,
+    }
+
+    fn ec_signer(kid: &str, algorithm: Algorithm) -> Signer {
+        let (curve, crv, size) = match algorithm {
+            Algorithm::ES256 => (&rcgen::PKCS_ECDSA_P256_SHA256, "P-256", 32),
+            _ => (&rcgen::PKCS_ECDSA_P384_SHA384, "P-384", 48),
+        };
+        let pair = rcgen::KeyPair::generate_for(curve).unwrap();
+        let raw = pair.public_key_raw();
+        assert_eq!(raw.len(), 1 + 2 * size);
+        assert_eq!(raw[0], 4);
+        let jwk = json!({
+            "kty": "EC", "crv": crv, "kid": kid, "use": "sig",
+            "x": base64url(&raw[1..1 + size]), "y": base64url(&raw[1 + size..]),
+        });
+        Signer {
+            kid: kid.to_string(),
+            algorithm,
+            encoding: EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap(),
+            jwk,
+        }
+    }
+
+    fn rsa_signer(algorithm: Algorithm) -> Signer {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/auth");
+        let pem = std::fs::read(format!("{dir}/rsa-test-key.pem")).unwrap();
+        let jwk: Value = serde_json::from_slice(&std::fs::read(format!("{dir}/rsa-test-jwk.json")).unwrap()).unwrap();
+        Signer {
+            kid: jwk["kid"].as_str().unwrap().to_string(),
+            algorithm,
+            encoding: EncodingKey::from_rsa_pem(&pem).unwrap(),
+            jwk,
+        }
+    }
+
+    fn jwks(signers: &[&Signer]) -> String {
+        json!({ "keys": signers.iter().map(|signer| signer.jwk.clone()).collect::<Vec<_>>() }).to_string()
+    }
+
+    fn now() -> i64 {
+        jsonwebtoken::get_current_timestamp() as i64
+    }
+
+    fn claims() -> Value {
+        json!({
+            "iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "client_id": "app-1",
+            "exp": now() + 300, "iat": now(), "scope": "patient/Observation.rs", "patient": "p-1",
+        })
+    }
+
+    fn sign(signer: &Signer, claims: &Value) -> String {
+        sign_as(signer, signer.algorithm, Some(&signer.kid), claims)
+    }
+
+    fn sign_as(signer: &Signer, algorithm: Algorithm, kid: Option<&str>, claims: &Value) -> String {
+        let mut header = Header::new(algorithm);
+        header.kid = kid.map(str::to_string);
+        jsonwebtoken::encode(&header, claims, &signer.encoding).unwrap()
+    }
+
+    fn config() -> Config {
+        Config {
+            issuer: ISSUER.to_string(),
+            audience: AUDIENCE.to_string(),
+            jwks_file: Some(PathBuf::from("/etc/hl7gw/jwks.json")),
+            jwks_url: None,
+            jwks_ca_file: None,
+            clock_skew_seconds: None,
+            admin_scope: None,
+            token_endpoint: None,
+            authorization_endpoint: None,
+            capabilities: None,
+        }
+    }
+
+    /// A verifier reading the key set from a temporary file.
+    async fn file_verifier(jwks: &str, skew: Option<u64>) -> (Verifier, tempfile::NamedTempFile) {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), jwks).unwrap();
+        let mut config = config();
+        config.jwks_file = Some(file.path().to_path_buf());
+        config.clock_skew_seconds = skew;
+        let verifier = Verifier::load(&config.validate().unwrap()).await.unwrap();
+        (verifier, file)
+    }
+
+    fn invalid(result: Result<Grant, AuthError>) -> String {
+        match result {
+            Err(AuthError::Invalid(reason)) => reason,
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn accepts_es256_and_es384_tokens() {
+        let es256 = ec_signer("k256", Algorithm::ES256);
+        let es384 = ec_signer("k384", Algorithm::ES384);
+        let (verifier, _file) = file_verifier(&jwks(&[&es256, &es384]), None).await;
+        for signer in [&es256, &es384] {
+            let grant = verifier.verify(&sign(signer, &claims())).await.unwrap();
+            assert_eq!(grant.subject.as_deref(), Some("user-1"));
+            assert_eq!(grant.client_id.as_deref(), Some("app-1"));
+            assert_eq!(grant.patient.as_deref(), Some("p-1"));
+            assert_eq!(grant.can_read("Observation"), Access::Patient("p-1".to_string()));
+            assert!(!grant.is_admin());
+        }
+        // Without a kid every key of the right type is tried.
+        let grant = verifier.verify(&sign_as(&es384, Algorithm::ES384, None, &claims())).await.unwrap();
+        assert_eq!(grant.subject.as_deref(), Some("user-1"));
+    }
+
+    #[tokio::test]
+    async fn accepts_rsa_tokens_from_the_fixture_key() {
+        let es256 = ec_signer("k256", Algorithm::ES256);
+        let rs256 = rsa_signer(Algorithm::RS256);
+        let (verifier, _file) = file_verifier(&jwks(&[&es256, &rs256]), None).await;
+        for algorithm in [Algorithm::RS256, Algorithm::RS384, Algorithm::RS512, Algorithm::PS256] {
+            let token = sign_as(&rs256, algorithm, Some("rsa-test"), &claims());
+            verifier.verify(&token).await.unwrap_or_else(|error| panic!("{algorithm:?}: {error}"));
+        }
+        // An RSA algorithm with the kid of an EC key: refused without trying.
+        let token = sign_as(&rs256, Algorithm::RS256, Some("k256"), &claims());
+        assert_eq!(invalid(verifier.verify(&token).await), "algorithm does not fit the key");
+    }
+
+    #[tokio::test]
+    async fn a_jwk_alg_restricts_the_key() {
+        let mut rs = rsa_signer(Algorithm::RS256);
+        rs.jwk["alg"] = json!("RS256");
+        let (verifier, _file) = file_verifier(&jwks(&[&rs]), None).await;
+        verifier.verify(&sign(&rs, &claims())).await.unwrap();
+        let token = sign_as(&rs, Algorithm::PS256, Some("rsa-test"), &claims());
+        assert!(matches!(verifier.verify(&token).await, Err(AuthError::Invalid(_))));
+    }
+
+    #[tokio::test]
+    async fn rejects_wrong_issuer_audience_and_missing_claims() {
+        let signer = ec_signer("k", Algorithm::ES256);
+        let (verifier, _file) = file_verifier(&jwks(&[&signer]), None).await;
+        let mut wrong = claims();
+        wrong["iss"] = json!("https://evil.example.org");
+        assert_eq!(invalid(verifier.verify(&sign(&signer, &wrong)).await), "wrong issuer");
+        let mut wrong = claims();
+        wrong["aud"] = json!("https://other.example.org/fhir");
+        assert_eq!(invalid(verifier.verify(&sign(&signer, &wrong)).await), "wrong audience");
+        for claim in ["exp", "iss", "aud"] {
+            let mut missing = claims();
+            missing.as_object_mut().unwrap().remove(claim);
+            assert_eq!(invalid(verifier.verify(&sign(&signer, &missing)).await), format!("token has no {claim} claim"));
+        }
+        let mut malformed = claims();
+        malformed["exp"] = json!("tomorrow");
+        assert_eq!(invalid(verifier.verify(&sign(&signer, &malformed)).await), "token has no exp claim");
+    }
+
+    #[tokio::test]
+    async fn accepts_an_audience_array_containing_ours() {
+        let signer = ec_signer("k", Algorithm::ES256);
+        let (verifier, _file) = file_verifier(&jwks(&[&signer]), None).await;
+        let mut array = claims();
+        array["aud"] = json!(["https://other.example.org", AUDIENCE]);
+        verifier.verify(&sign(&signer, &array)).await.unwrap();
+        array["aud"] = json!(["https://other.example.org"]);
+        assert_eq!(invalid(verifier.verify(&sign(&signer, &array)).await), "wrong audience");
+    }
+
+    #[tokio::test]
+    async fn checks_exp_and_nbf_with_clock_skew() {
+        let signer = ec_signer("k", Algorithm::ES256);
+        let (verifier, _file) = file_verifier(&jwks(&[&signer]), Some(60)).await;
+        let (strict, _strict_file) = file_verifier(&jwks(&[&signer]), Some(0)).await;
+        let mut recent = claims();
+        recent["exp"] = json!(now() - 30);
+        verifier.verify(&sign(&signer, &recent)).await.unwrap();
+        assert!(matches!(strict.verify(&sign(&signer, &recent)).await, Err(AuthError::Expired)));
+        let mut expired = claims();
+        expired["exp"] = json!(now() - 120);
+        let error = verifier.verify(&sign(&signer, &expired)).await.unwrap_err();
+        assert!(matches!(error, AuthError::Expired));
+        assert_eq!(error.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(error.www_authenticate(), r#"Bearer error="invalid_token", error_description="token expired""#);
+
+        let mut soon = claims();
+        soon["nbf"] = json!(now() + 30);
+        verifier.verify(&sign(&signer, &soon)).await.unwrap();
+        assert_eq!(invalid(strict.verify(&sign(&signer, &soon)).await), "token is not valid yet (nbf)");
+        let mut later = claims();
+        later["nbf"] = json!(now() + 120);
+        assert_eq!(invalid(verifier.verify(&sign(&signer, &later)).await), "token is not valid yet (nbf)");
+    }
+
+    #[tokio::test]
+    async fn rejects_none_and_hmac_algorithms() {
+        let signer = ec_signer("k", Algorithm::ES256);
+        // An HMAC secret published in the set must not make HS256 acceptable.
+        let secret = b"0123456789abcdef0123456789abcdef";
+        let mut set: Value = serde_json::from_str(&jwks(&[&signer])).unwrap();
+        set["keys"].as_array_mut().unwrap().push(json!({ "kty": "oct", "kid": "hmac", "k": base64url(secret) }));
+        let (verifier, _file) = file_verifier(&set.to_string(), None).await;
+
+        let header = base64url(br#"{"alg":"none","typ":"JWT","kid":"k"}"#);
+        let body = base64url(claims().to_string().as_bytes());
+        for token in [format!("{header}.{body}."), format!("{header}.{body}")] {
+            assert!(matches!(verifier.verify(&token).await, Err(AuthError::Invalid(_))), "{token}");
+        }
+        let hmac = EncodingKey::from_secret(secret).unwrap();
+        for kid in ["k", "hmac"] {
+            let mut header = Header::new(Algorithm::HS256);
+            header.kid = Some(kid.to_string());
+            let token = jsonwebtoken::encode(&header, &claims(), &hmac).unwrap();
+            assert_eq!(invalid(verifier.verify(&token).await), "algorithm HS256 is not accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn rejects_tampered_signatures_and_unknown_keys() {
+        let signer = ec_signer("k", Algorithm::ES256);
+        let stranger = ec_signer("k", Algorithm::ES256);
+        let (verifier, _file) = file_verifier(&jwks(&[&signer]), None).await;
+        let token = sign(&signer, &claims());
+        let (message, signature) = token.rsplit_once('.').unwrap();
+        let mut bytes = signature.as_bytes().to_vec();
+        bytes[5] = if bytes[5] == b'A' { b'B' } else { b'A' };
+        let tampered = format!("{message}.{}", String::from_utf8(bytes).unwrap());
+        assert_eq!(invalid(verifier.verify(&tampered).await), "signature does not verify");
+        // Claims changed under the original signature.
+        let mut raised = claims();
+        raised["scope"] = json!("system/*.*");
+        let forged = sign(&signer, &raised);
+        let forged = format!("{}.{signature}", forged.rsplit_once('.').unwrap().0);
+        assert_eq!(invalid(verifier.verify(&forged).await), "signature does not verify");
+        // Same kid, other key.
+        assert_eq!(invalid(verifier.verify(&sign(&stranger, &claims())).await), "signature does not verify");
+        let unknown = sign_as(&signer, Algorithm::ES256, Some("nope"), &claims());
+        assert_eq!(invalid(verifier.verify(&unknown).await), "no known key signed this token");
+        assert!(matches!(verifier.verify("not.a.jwt").await, Err(AuthError::Invalid(_))));
+        assert!(matches!(verifier.verify("").await, Err(AuthError::Invalid(_))));
+        assert!(matches!(verifier.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)).await, Err(AuthError::Invalid(_))));
+    }
+
+    #[tokio::test]
+    async fn reads_scope_and_scp_claims_and_the_admin_scope() {
+        let signer = ec_signer("k", Algorithm::ES256);
+        let (verifier, _file) = file_verifier(&jwks(&[&signer]), None).await;
+        let mut scp = claims();
+        scp.as_object_mut().unwrap().remove("scope");
+        scp["scp"] = json!(["system/Patient.rs", "hl7gw/admin"]);
+        let grant = verifier.verify(&sign(&signer, &scp)).await.unwrap();
+        assert_eq!(grant.can_search("Patient"), Access::All);
+        assert_eq!(grant.can_read("Observation"), Access::Denied);
+        assert!(grant.is_admin());
+
+        let mut config = config();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), jwks(&[&signer])).unwrap();
+        config.jwks_file = Some(file.path().to_path_buf());
+        config.admin_scope = Some("gateway.admin".to_string());
+        let custom = Verifier::load(&config.validate().unwrap()).await.unwrap();
+        assert!(!custom.verify(&sign(&signer, &scp)).await.unwrap().is_admin());
+        let mut admin = claims();
+        admin["scope"] = json!("openid gateway.admin");
+        assert!(custom.verify(&sign(&signer, &admin)).await.unwrap().is_admin());
+    }
+
+    #[tokio::test]
+    async fn a_malformed_patient_claim_is_no_patient() {
+        let signer = ec_signer("k", Algorithm::ES256);
+        let (verifier, _file) = file_verifier(&jwks(&[&signer]), None).await;
+        for patient in [json!("a/b"), json!(42), json!(""), json!("x".repeat(65))] {
+            let mut odd = claims();
+            odd["patient"] = patient;
+            let grant = verifier.verify(&sign(&signer, &odd)).await.unwrap();
+            assert_eq!(grant.patient, None);
+            assert_eq!(grant.can_read("Observation"), Access::Denied);
+        }
+    }
+
+    #[test]
+    fn scope_rules() {
+        let patient = |scope: &str| Grant::from_scopes(scope, Some("p-1"));
+        let p1 = Access::Patient("p-1".to_string());
+        // SMART v1
+        let grant = patient("openid fhirUser launch/patient patient/Observation.read");
+        assert_eq!(grant.can_read("Observation"), p1);
+        assert_eq!(grant.can_search("Observation"), p1);
+        assert_eq!(grant.can_read("Patient"), Access::Denied);
+        assert_eq!(patient("patient/*.read").can_search("Encounter"), p1);
+        assert_eq!(patient("patient/*.*").can_read("Encounter"), p1);
+        assert_eq!(patient("patient/Observation.*").can_read("Observation"), p1);
+        assert_eq!(patient("patient/*.write").can_read("Observation"), Access::Denied);
+        assert_eq!(patient("user/Observation.read").can_read("Observation"), Access::All);
+        assert_eq!(patient("user/*.*").can_search("Patient"), Access::All);
+        assert_eq!(patient("system/*.read").can_read("Patient"), Access::All);
+        // SMART v2: r is read, s is search.
+        let grant = patient("patient/Observation.rs");
+        assert_eq!((grant.can_read("Observation"), grant.can_search("Observation")), (p1.clone(), p1.clone()));
+        let grant = patient("patient/Observation.r");
+        assert_eq!((grant.can_read("Observation"), grant.can_search("Observation")), (p1.clone(), Access::Denied));
+        let grant = patient("patient/Observation.s");
+        assert_eq!((grant.can_read("Observation"), grant.can_search("Observation")), (Access::Denied, p1.clone()));
+        assert_eq!(patient("system/*.cruds").can_search("Patient"), Access::All);
+        assert_eq!(patient("user/*.cud").can_read("Patient"), Access::Denied);
+        assert_eq!(patient("patient/*.c").can_read("Patient"), Access::Denied);
+        // Malformed or out-of-order permissions grant nothing.
+        for scope in
+            ["patient/Observation.sr", "patient/Observation.rr", "patient/Observation.", "patient/Observation.x"]
+        {
+            assert_eq!(patient(scope).can_read("Observation"), Access::Denied, "{scope}");
+            assert_eq!(patient(scope).can_search("Observation"), Access::Denied, "{scope}");
+        }
+        for scope in ["observation/*.read", "patient/observation.read", "*.*", "patient/*", "Observation.read"] {
+            assert_eq!(patient(scope).can_read("observation"), Access::Denied, "{scope}");
+            assert_eq!(patient(scope).can_read("Observation"), Access::Denied, "{scope}");
+        }
+        // Query-suffixed v2 scopes cannot be enforced here: they grant nothing.
+        let grant = patient("patient/Observation.rs?category=laboratory system/Observation.rs?code=http://loinc.org|1");
+        assert_eq!(grant.can_read("Observation"), Access::Denied);
+        assert_eq!(grant.can_search("Observation"), Access::Denied);
+        // The widest scope wins.
+        assert_eq!(patient("patient/*.rs user/Observation.rs").can_read("Observation"), Access::All);
+        assert_eq!(patient("patient/*.rs user/Observation.rs").can_read("Patient"), p1);
+        // Patient scopes without a patient context grant nothing.
+        let grant = Grant::from_scopes("patient/*.read patient/Observation.rs", None);
+        assert_eq!(grant.can_read("Observation"), Access::Denied);
+        assert_eq!(grant.can_search("Observation"), Access::Denied);
+        assert_eq!(Grant::from_scopes("system/*.rs", None).can_read("Observation"), Access::All);
+        // Admin
+        assert!(Grant::from_scopes("openid hl7gw/admin", None).is_admin());
+        assert!(!Grant::from_scopes("system/*.cruds", None).is_admin());
+        assert_eq!(Grant::from_scopes("hl7gw/admin", None).can_read("Patient"), Access::Denied);
+        // Open
+        let open = Grant::open();
+        assert_eq!((open.can_read("Patient"), open.can_search("Observation")), (Access::All, Access::All));
+        assert!(open.is_admin());
+    }
+
+    #[test]
+    fn debug_output_hides_the_patient() {
+        let text = format!("{:?}", Grant::from_scopes("patient/*.rs", Some("secret-patient-id")));
+        assert!(!text.contains("secret-patient-id"), "{text}");
+    }
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for value in values {
+            map.append(header::AUTHORIZATION, value.parse().unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn bearer_token_parsing() {
+        assert_eq!(bearer_token(&headers(&["Bearer abc.def-_~+/="])).unwrap(), "abc.def-_~+/=");
+        assert_eq!(bearer_token(&headers(&["bearer abc"])).unwrap(), "abc");
+        assert_eq!(bearer_token(&headers(&["BEARER   abc  "])).unwrap(), "abc");
+        assert!(matches!(bearer_token(&HeaderMap::new()), Err(AuthError::Missing)));
+        assert!(matches!(bearer_token(&headers(&["Basic dXNlcjpwYXNz"])), Err(AuthError::Missing)));
+        assert!(matches!(bearer_token(&headers(&["Bearerabc"])), Err(AuthError::Missing)));
+        for malformed in [&["Bearer"][..], &["Bearer  "], &["Bearer a b"], &["Bearer a\"b"], &["Bearer a", "Bearer b"]]
+        {
+            let error = bearer_token(&headers(malformed)).unwrap_err();
+            assert!(matches!(error, AuthError::Malformed(_)), "{malformed:?}");
+            assert_eq!(error.status(), StatusCode::BAD_REQUEST);
+            assert!(error.www_authenticate().starts_with(r#"Bearer error="invalid_request""#));
+        }
+        let mut map = HeaderMap::new();
+        map.insert(header::AUTHORIZATION, axum::http::HeaderValue::from_bytes(b"Bearer \xe9t\xe9").unwrap());
+        assert!(matches!(bearer_token(&map), Err(AuthError::Malformed(_))));
+    }
+
+    #[test]
+    fn error_statuses_and_challenges() {
+        assert_eq!(AuthError::Missing.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(AuthError::Missing.www_authenticate(), "Bearer");
+        let invalid = AuthError::Invalid("wrong \"issuer\"\n".to_string());
+        assert_eq!(invalid.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(invalid.www_authenticate(), r#"Bearer error="invalid_token", error_description="wrong issuer""#);
+        let forbidden = AuthError::Forbidden("no scope grants read access to Observation".to_string());
+        assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            forbidden.www_authenticate(),
+            r#"Bearer error="insufficient_scope", error_description="no scope grants read access to Observation""#
+        );
+        let jwks = AuthError::Jwks("http://10.0.0.1/jwks: connection refused".to_string());
+        assert_eq!(jwks.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(jwks.www_authenticate(), "Bearer");
+    }
+
+    fn invalid_key(config: &Config) -> String {
+        config.validate().unwrap_err().key
+    }
+
+    #[test]
+    fn config_validation() {
+        let settings = config().validate().unwrap();
+        assert_eq!(settings.clock_skew_seconds, DEFAULT_CLOCK_SKEW_SECONDS);
+        assert_eq!(settings.admin_scope, DEFAULT_ADMIN_SCOPE);
+        assert_eq!(settings.jwks, JwksSource::File(PathBuf::from("/etc/hl7gw/jwks.json")));
+
+        let mut both = config();
+        both.jwks_url = Some("https://idp.example.org/jwks".to_string());
+        assert_eq!(invalid_key(&both), "auth.jwks_url");
+        let mut neither = config();
+        neither.jwks_file = None;
+        assert_eq!(invalid_key(&neither), "auth.jwks_file");
+
+        let with_url = |url: &str| {
+            let mut config = config();
+            config.jwks_file = None;
+            config.jwks_url = Some(url.to_string());
+            config.validate()
+        };
+        assert!(with_url("https://idp.example.org/jwks").is_ok());
+        for loopback in ["http://127.0.0.1:8081/jwks", "http://localhost/jwks", "http://[::1]:9000/jwks"] {
+            assert!(with_url(loopback).is_ok(), "{loopback}");
+        }
+        for bad in [
+            "http://idp.example.org/jwks",
+            "http://10.0.0.1/jwks",
+            "ftp://idp.example.org/jwks",
+            "https://user:secret@idp.example.org/jwks",
+            "https://idp.example.org/jwks#x",
+            "idp.example.org/jwks",
+        ] {
+            let error = with_url(bad).unwrap_err();
+            assert_eq!(error.key, "auth.jwks_url", "{bad}");
+            assert!(!error.reason.contains("secret"), "{}", error.reason);
+        }
+
+        let mut skew = config();
+        skew.clock_skew_seconds = Some(MAX_CLOCK_SKEW_SECONDS + 1);
+        assert_eq!(invalid_key(&skew), "auth.clock_skew_seconds");
+        let mut issuer = config();
+        issuer.issuer = " ".to_string();
+        assert_eq!(invalid_key(&issuer), "auth.issuer");
+        let mut audience = config();
+        audience.audience = String::new();
+        assert_eq!(invalid_key(&audience), "auth.audience");
+        let mut admin = config();
+        admin.admin_scope = Some("system/*.read".to_string());
+        assert_eq!(invalid_key(&admin), "auth.admin_scope");
+        let mut endpoint = config();
+        endpoint.token_endpoint = Some("http://idp.example.org/token".to_string());
+        assert_eq!(invalid_key(&endpoint), "auth.token_endpoint");
+        let mut ca = config();
+        ca.jwks_ca_file = Some(PathBuf::from("/etc/ca.pem"));
+        assert_eq!(invalid_key(&ca), "auth.jwks_ca_file");
+    }
+
+    #[test]
+    fn config_from_yaml() {
+        let yaml = "issuer: https://idp.example.org\naudience: https://gateway.example.org/fhir\n\
+                    jwks_url: https://idp.example.org/jwks\nclock_skew_seconds: 30\nadmin_scope: hl7gw/admin\n";
+        let config: Config = serde_saphyr::from_str(yaml).unwrap();
+        let settings = config.validate().unwrap();
+        assert_eq!(settings.clock_skew_seconds, 30);
+        assert!(matches!(settings.jwks, JwksSource::Url(_)));
+        assert!(serde_saphyr::from_str::<Config>(&format!("{yaml}colour: blue\n")).is_err());
+    }
+
+    #[tokio::test]
+    async fn load_fails_clearly() {
+        let mut missing = config();
+        missing.jwks_file = Some(PathBuf::from("/nonexistent/jwks.json"));
+        let error = Verifier::load(&missing.validate().unwrap()).await.unwrap_err();
+        assert!(matches!(&error, AuthError::Jwks(reason) if reason.contains("/nonexistent/jwks.json")), "{error}");
+        assert_eq!(error.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+        let file = tempfile::NamedTempFile::new().unwrap();
+        for (document, expected) in [
+            ("{", "not JSON"),
+            ("{\"kid\": 1}", "no `keys` array"),
+            (
+                r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"},{"kty":"RSA","use":"enc","n":"AQAB","e":"AQAB"}]}"#,
+                "none of its 2",
+            ),
+        ] {
+            std::fs::write(file.path(), document).unwrap();
+            let mut config = config();
+            config.jwks_file = Some(file.path().to_path_buf());
+            let error = Verifier::load(&config.validate().unwrap()).await.unwrap_err();
+            assert!(error.to_string().contains(expected), "{error}");
+        }
+
+        // Nothing listens on the port of a listener just closed.
+        let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+        let mut config = config();
+        config.jwks_file = None;
+        config.jwks_url = Some(format!("http://127.0.0.1:{port}/jwks"));
+        let error = Verifier::load(&config.validate().unwrap()).await.unwrap_err();
+        assert!(matches!(error, AuthError::Jwks(_)), "{error}");
+    }
+
+    /// A tiny HTTP server answering every request with the current body.
+    struct JwksServer {
+        url: String,
+        body: Arc<Mutex<(u16, String)>>,
+        hits: Arc<AtomicUsize>,
+    }
+
+    impl JwksServer {
+        async fn start(body: String, tls: Option<tokio_rustls::TlsAcceptor>) -> JwksServer {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://127.0.0.1:{}/jwks", listener.local_addr().unwrap().port());
+            let body = Arc::new(Mutex::new((200, body)));
+            let hits = Arc::new(AtomicUsize::new(0));
+            let (served, counted) = (Arc::clone(&body), Arc::clone(&hits));
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let (body, hits, tls) = (Arc::clone(&served), Arc::clone(&counted), tls.clone());
+                    tokio::spawn(async move {
+                        match tls {
+                            Some(acceptor) => {
+                                if let Ok(stream) = acceptor.accept(stream).await {
+                                    respond(stream, &body, &hits).await;
+                                }
+                            }
+                            None => respond(stream, &body, &hits).await,
+                        }
+                    });
+                }
+            });
+            JwksServer { url, body, hits }
+        }
+
+        fn serve(&self, status: u16, body: String) {
+            *self.body.lock().unwrap() = (status, body);
+        }
+
+        fn hits(&self) -> usize {
+            self.hits.load(Ordering::SeqCst)
+        }
+
+        fn config(&self) -> Config {
+            let mut config = config();
+            config.jwks_file = None;
+            config.jwks_url = Some(self.url.clone());
+            config
+        }
+    }
+
+    async fn respond<S: AsyncRead + AsyncWrite + Unpin>(
+        mut stream: S,
+        body: &Mutex<(u16, String)>,
+        hits: &AtomicUsize,
+    ) {
+        let mut request = Vec::new();
+        let mut buffer = [0u8; 1024];
+        while !request.windows(4).any(|window| window == b"\r\n\r\n") {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => request.extend_from_slice(&buffer[..n]),
+            }
+        }
+        hits.fetch_add(1, Ordering::SeqCst);
+        let (status, body) = body.lock().unwrap().clone();
+        let response = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn fetches_the_key_set_from_a_url_and_refetches_for_unknown_kids() {
+        let old = ec_signer("old", Algorithm::ES256);
+        let new = ec_signer("new", Algorithm::ES384);
+        let server = JwksServer::start(jwks(&[&old]), None).await;
+        let mut settings = server.config().validate().unwrap();
+        settings.refetch_interval = Duration::ZERO;
+        let verifier = Verifier::load(&settings).await.unwrap();
+        assert_eq!(server.hits(), 1);
+        verifier.verify(&sign(&old, &claims())).await.unwrap();
+        assert_eq!(server.hits(), 1, "a known kid needs no fetch");
+
+        // The issuer rotates its keys: the unknown kid makes the verifier fetch them again.
+        server.serve(200, jwks(&[&new]));
+        verifier.verify(&sign(&new, &claims())).await.unwrap();
+        assert_eq!(server.hits(), 2);
+        let error = verifier.verify(&sign(&old, &claims())).await.unwrap_err();
+        assert!(matches!(error, AuthError::Invalid(_)), "{error}");
+        assert_eq!(server.hits(), 3);
+
+        // The key set cannot be fetched: keys unavailable, and the known keys keep working.
+        server.serve(500, "oops".to_string());
+        let error = verifier.verify(&sign(&old, &claims())).await.unwrap_err();
+        assert!(matches!(&error, AuthError::Jwks(reason) if reason.contains("500")), "{error}");
+        verifier.verify(&sign(&new, &claims())).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refetches_at_most_once_per_interval() {
+        let old = ec_signer("old", Algorithm::ES256);
+        let new = ec_signer("new", Algorithm::ES256);
+        let server = JwksServer::start(jwks(&[&old]), None).await;
+        let verifier = Verifier::load(&server.config().validate().unwrap()).await.unwrap();
+        server.serve(200, jwks(&[&old, &new]));
+        for _ in 0..3 {
+            let unknown = sign_as(&new, Algorithm::ES256, Some("new"), &claims());
+            assert_eq!(invalid(verifier.verify(&unknown).await), "no known key signed this token");
+        }
+        assert_eq!(server.hits(), 1, "the load was less than 30 s ago");
+    }
+
+    #[tokio::test]
+    async fn fetches_over_https_with_a_configured_ca() {
+        let signer = ec_signer("k", Algorithm::ES256);
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der()).unwrap();
+        let server_config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![certified.cert.der().clone()], key)
+                .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+        let server = JwksServer::start(jwks(&[&signer]), Some(acceptor)).await;
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(ca.path(), certified.cert.pem()).unwrap();
+        let mut config = server.config();
+        config.jwks_ca_file = Some(ca.path().to_path_buf());
+        let verifier = Verifier::load(&config.validate().unwrap()).await.unwrap();
+        verifier.verify(&sign(&signer, &claims())).await.unwrap();
+
+        // Without the CA the self-signed certificate is refused.
+        let error = Verifier::load(&server.config().validate().unwrap()).await.unwrap_err();
+        assert!(matches!(error, AuthError::Jwks(_)), "{error}");
+    }
+
+    #[test]
+    fn smart_configuration_document() {
+        let mut config = config();
+        config.jwks_file = None;
+        config.jwks_url = Some("https://idp.example.org/jwks".to_string());
+        let minimal = smart_configuration(&config.validate().unwrap());
+        assert_eq!(minimal["issuer"], ISSUER);
+        assert_eq!(minimal["jwks_uri"], "https://idp.example.org/jwks");
+        assert!(minimal.get("token_endpoint").is_none());
+        assert!(minimal.get("authorization_endpoint").is_none());
+        assert_eq!(minimal["code_challenge_methods_supported"], json!([]));
+        assert_eq!(
+            minimal["capabilities"],
+            json!(["permission-v1", "permission-v2", "permission-patient", "permission-user"])
+        );
+        assert!(minimal["scopes_supported"].as_array().unwrap().contains(&json!("hl7gw/admin")));
+
+        config.token_endpoint = Some("https://idp.example.org/token".to_string());
+        config.authorization_endpoint = Some("https://idp.example.org/authorize".to_string());
+        let full = smart_configuration(&config.validate().unwrap());
+        assert_eq!(full["token_endpoint"], "https://idp.example.org/token");
+        assert_eq!(full["authorization_endpoint"], "https://idp.example.org/authorize");
+        assert_eq!(full["grant_types_supported"], json!(["authorization_code", "client_credentials"]));
+        assert_eq!(full["code_challenge_methods_supported"], json!(["S256"]));
+        assert_eq!(full["token_endpoint_auth_methods_supported"], json!(["private_key_jwt"]));
+        let capabilities = full["capabilities"].as_array().unwrap();
+        for capability in
+            ["client-confidential-asymmetric", "context-standalone-patient", "launch-standalone", "permission-v2"]
+        {
+            assert!(capabilities.contains(&json!(capability)), "{capability}");
+        }
+
+        config.capabilities = Some(vec!["permission-v2".to_string()]);
+        assert_eq!(smart_configuration(&config.validate().unwrap())["capabilities"], json!(["permission-v2"]));
+        let from_file = smart_configuration(&super::tests::config().validate().unwrap());
+        assert!(from_file.get("jwks_uri").is_none());
+    }
+}
