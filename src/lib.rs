@@ -4,7 +4,10 @@
 //! An EMR connects over MLLP (optionally TLS). Each frame is decoded by its MSH-18
 //! character set, its header checked, and its exact bytes committed to the journal in
 //! SQLite before the ACK goes out. Duplicates (same sender, MSH-10 and content) get the
-//! original ACK. Operators watch `/health/*` and `/metrics`.
+//! original ACK. The pipeline then converts each journaled message through the mapping
+//! engine and stores the resources (current version and history, with search indexes) in
+//! the same database, in arrival order; the FHIR API at `/fhir` serves them to downstream
+//! apps under bearer-token auth. Operators watch `/health/*`, `/metrics` and `/admin`.
 //!
 //! # Layout
 //! - [`hl7`]: v2 syntax (charsets, MSH, ACK builder, file splitting). Pure, a leaf.
@@ -13,11 +16,15 @@
 //! - [`db`]: SQLite opening, durability pragmas, migrations.
 //! - [`mapping`]: the declarative v2 → FHIR R4 mapping engine. Pure, imports `hl7` and `fhir`.
 //! - [`fhir`]: deterministic ids, R4 validation. A leaf.
-//! - [`http`]: health and metrics endpoints.
+//! - [`pipeline`]: journal → decode → map → store, one transaction per batch; requeue.
+//! - [`store`]: resource versions, history, search parameters as data, search.
+//! - [`api`]: the FHIR R4 REST API and the operator API (axum).
+//! - [`auth`]: JWT bearer tokens, JWKS, SMART scopes.
+//! - [`http`]: health and metrics endpoints, HTTPS serving.
 //! - [`config`], [`setting`]: the YAML file, env overrides, validation.
 //! - [`telemetry`]: tracing set-up and every metric.
 //! - [`server`]: wiring and graceful shutdown.
-//! - [`commands`]: the `send` and `health` clients.
+//! - [`commands`]: the `send`, `health`, `convert` and operator (`messages`) clients.
 #![deny(missing_docs)]
 
 pub mod api;
