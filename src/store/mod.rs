@@ -514,3 +514,126 @@ impl Store {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn open() -> (tempfile::TempDir, Connection) {
+        let directory = tempfile::tempdir().unwrap();
+        let connection = crate::db::open(&directory.path().join("gateway.db")).unwrap();
+        (directory, connection)
+    }
+
+    fn put_one(connection: &mut Connection, resource: Value, now_us: i64) -> PutOutcome {
+        let transaction = connection.transaction().unwrap();
+        let outcome = put(&transaction, &resource, now_us, Some(7)).unwrap();
+        transaction.commit().unwrap();
+        outcome
+    }
+
+    fn count(connection: &Connection, table: &str) -> i64 {
+        connection.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| row.get(0)).unwrap()
+    }
+
+    #[test]
+    fn put_read_vread_unchanged_update_delete() {
+        let (_directory, mut connection) = open();
+        let patient = json!({"resourceType": "Patient", "id": "p1", "meta": {"source": "lab"}, "name": [{"family": "Smith"}]});
+        assert_eq!(put_one(&mut connection, patient.clone(), 1_000_000), PutOutcome::Created { version: 1 });
+        let stored = read(&connection, "Patient", "p1").unwrap().unwrap();
+        assert_eq!((stored.version, stored.last_updated_us, stored.deleted), (1, 1_000_000, false));
+        let body: Value = serde_json::from_str(&stored.body).unwrap();
+        assert_eq!(body["meta"], json!({"source": "lab", "versionId": "1", "lastUpdated": "1970-01-01T00:00:01.000000Z"}));
+        assert_eq!(body["name"], patient["name"]);
+
+        // Same content, different meta and key order: unchanged, nothing written.
+        let same = json!({"name": [{"family": "Smith"}], "id": "p1", "resourceType": "Patient", "meta": {"versionId": "9"}});
+        assert_eq!(put_one(&mut connection, same, 2_000_000), PutOutcome::Unchanged { version: 1 });
+        assert_eq!(count(&connection, "resource_versions"), 1);
+
+        let changed = json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Jones"}]});
+        assert_eq!(put_one(&mut connection, changed, 3_000_000), PutOutcome::Updated { version: 2 });
+        assert_eq!(read(&connection, "Patient", "p1").unwrap().unwrap().version, 2);
+        let first = vread(&connection, "Patient", "p1", 1).unwrap().unwrap();
+        assert!(first.body.contains("Smith"));
+        assert!(vread(&connection, "Patient", "p1", 3).unwrap().is_none());
+        // Index rows were rebuilt: only the new family name.
+        let families: Vec<String> = connection
+            .prepare("SELECT norm FROM idx_string WHERE param = 'Patient.family'")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(families, vec!["jones"]);
+
+        let transaction = connection.transaction().unwrap();
+        assert_eq!(delete(&transaction, "Patient", "p1", 4_000_000, None).unwrap(), Some(3));
+        assert_eq!(delete(&transaction, "Patient", "p1", 4_000_000, None).unwrap(), None);
+        assert_eq!(delete(&transaction, "Patient", "nope", 4_000_000, None).unwrap(), None);
+        transaction.commit().unwrap();
+        let deleted = read(&connection, "Patient", "p1").unwrap().unwrap();
+        assert!(deleted.deleted && deleted.body.is_empty() && deleted.version == 3);
+        assert_eq!(count(&connection, "idx_string"), 0);
+        assert!(stored_types(&connection).unwrap().is_empty());
+
+        let again = json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Jones"}]});
+        assert_eq!(put_one(&mut connection, again, 5_000_000), PutOutcome::Created { version: 4 });
+        assert_eq!(stored_types(&connection).unwrap(), vec!["Patient"]);
+        assert!(read(&connection, "Patient", "p2").unwrap().is_none());
+        let message: Option<i64> = connection
+            .query_row("SELECT message_id FROM resource_versions WHERE version = 4", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(message, Some(7));
+    }
+
+    #[test]
+    fn malformed_resources_are_refused() {
+        let (_directory, mut connection) = open();
+        let transaction = connection.transaction().unwrap();
+        for bad in [json!([]), json!({"id": "x"}), json!({"resourceType": "Patient"}), json!({"resourceType": "Patient", "id": ""})] {
+            assert!(matches!(put(&transaction, &bad, 1, None), Err(StoreError::Malformed(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn history_levels_and_paging() {
+        let (_directory, mut connection) = open();
+        put_one(&mut connection, json!({"resourceType": "Patient", "id": "a", "gender": "male"}), 10);
+        put_one(&mut connection, json!({"resourceType": "Patient", "id": "b"}), 20);
+        put_one(&mut connection, json!({"resourceType": "Observation", "id": "o", "status": "final"}), 30);
+        put_one(&mut connection, json!({"resourceType": "Patient", "id": "a", "gender": "female"}), 40);
+        let query = |resource_type: Option<&str>, id: Option<&str>| HistoryQuery {
+            resource_type: resource_type.map(String::from),
+            id: id.map(String::from),
+            count: 10,
+            ..HistoryQuery::default()
+        };
+        let all = history(&connection, &query(None, None)).unwrap();
+        assert_eq!(all.total, 4);
+        let order: Vec<(String, i64)> = all.versions.iter().map(|v| (v.id.clone(), v.version)).collect();
+        assert_eq!(order, vec![("a".into(), 2), ("o".into(), 1), ("b".into(), 1), ("a".into(), 1)]);
+        assert_eq!(history(&connection, &query(Some("Patient"), None)).unwrap().total, 3);
+        let instance = history(&connection, &query(Some("Patient"), Some("a"))).unwrap();
+        assert_eq!(instance.versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![2, 1]);
+        let window = HistoryQuery { since_us: Some(20), before_us: Some(40), ..query(None, None) };
+        assert_eq!(history(&connection, &window).unwrap().versions.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), vec!["o", "b"]);
+        let paged = HistoryQuery { count: 1, offset: 1, ..query(None, None) };
+        let page = history(&connection, &paged).unwrap();
+        assert_eq!((page.total, page.versions.len(), page.versions[0].id.as_str()), (4, 1, "o"));
+        assert_eq!(stored_types(&connection).unwrap(), vec!["Observation", "Patient"]);
+    }
+
+    #[test]
+    fn reindex_rebuilds_rows() {
+        let (_directory, mut connection) = open();
+        put_one(&mut connection, json!({"resourceType": "Patient", "id": "a", "name": [{"family": "X"}]}), 10);
+        let before = count(&connection, "idx_string");
+        let transaction = connection.transaction().unwrap();
+        assert_eq!(reindex(&transaction).unwrap(), 1);
+        transaction.commit().unwrap();
+        assert_eq!(count(&connection, "idx_string"), before);
+    }
+}
