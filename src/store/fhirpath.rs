@@ -249,7 +249,9 @@ mod tests {
 
         let observation = json!({"resourceType": "Observation", "valueQuantity": {"value": 1}, "effectivePeriod": {"start": "2020"},
             "subject": {"reference": "Group/1"}});
-        for text in ["(Observation.value as Quantity)", "Observation.value.as(Quantity)", "Observation.value.ofType(Quantity)"] {
+        for text in
+            ["(Observation.value as Quantity)", "Observation.value.as(Quantity)", "Observation.value.ofType(Quantity)"]
+        {
             assert_eq!(Expression::compile(text).unwrap().evaluate(&observation), vec![&json!({"value": 1})], "{text}");
         }
         let effective = Expression::compile("Observation.effective").unwrap();
@@ -262,7 +264,9 @@ mod tests {
 
     #[test]
     fn unknown_syntax_is_an_error() {
-        for text in ["", "Patient.name.exists()", "Patient.deceased != false", "patient.name", "(Patient.name", "Patient..x"] {
+        for text in
+            ["", "Patient.name.exists()", "Patient.deceased != false", "patient.name", "(Patient.name", "Patient..x"]
+        {
             assert!(Expression::compile(text).is_err(), "{text}");
         }
     }

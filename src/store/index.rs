@@ -122,7 +122,19 @@ fn strings(key: &str, value: &Value, rows: &mut Vec<Row>) {
         Value::String(text) => push_string(key, text, rows),
         Value::Object(object) => {
             // HumanName, Address and anything else with text parts: index each part.
-            for field in ["family", "given", "prefix", "suffix", "text", "line", "city", "district", "state", "postalCode", "country"] {
+            for field in [
+                "family",
+                "given",
+                "prefix",
+                "suffix",
+                "text",
+                "line",
+                "city",
+                "district",
+                "state",
+                "postalCode",
+                "country",
+            ] {
                 match object.get(field) {
                     Some(Value::String(text)) => push_string(key, text, rows),
                     Some(Value::Array(items)) => {
@@ -160,7 +172,11 @@ fn tokens(key: &str, value: &Value, rows: &mut Vec<Row>) {
             if let Some(codings) = object.get("coding").and_then(Value::as_array) {
                 // CodeableConcept: each coding, and its text.
                 for coding in codings {
-                    push(string_of(coding.get("system")), string_of(coding.get("code")), text_of(coding.get("display")));
+                    push(
+                        string_of(coding.get("system")),
+                        string_of(coding.get("code")),
+                        text_of(coding.get("display")),
+                    );
                 }
                 if let Some(text) = text_of(object.get("text")) {
                     push(None, None, Some(text));
@@ -190,7 +206,12 @@ fn numbers(key: &str, value: &Value, rows: &mut Vec<Row>) {
         Value::Object(object) => {
             if let Some(number) = object.get("value").and_then(Value::as_f64) {
                 let code = string_of(object.get("code")).or_else(|| string_of(object.get("unit")));
-                rows.push(Row::Number { key: key.to_string(), value: number, system: string_of(object.get("system")), code });
+                rows.push(Row::Number {
+                    key: key.to_string(),
+                    value: number,
+                    system: string_of(object.get("system")),
+                    code,
+                });
             }
         }
         _ => {}
@@ -214,7 +235,8 @@ fn date_value(value: &Value) -> Option<(i64, i64)> {
                 Some((low, high))
             } else if let Some(events) = object.get("event").and_then(Value::as_array) {
                 // Timing: the span of its events.
-                let ranges: Vec<(i64, i64)> = events.iter().filter_map(Value::as_str).filter_map(parse_date_range).collect();
+                let ranges: Vec<(i64, i64)> =
+                    events.iter().filter_map(Value::as_str).filter_map(parse_date_range).collect();
                 let low = ranges.iter().map(|range| range.0).min()?;
                 let high = ranges.iter().map(|range| range.1).max()?;
                 Some((low, high))
@@ -240,8 +262,10 @@ pub fn parse_reference(reference: &str) -> Option<(&str, &str)> {
     let mut parts = reference.rsplit('/');
     let id = parts.next()?;
     let kind = parts.next()?;
-    let valid_type = kind.starts_with(|c: char| c.is_ascii_uppercase()) && kind.chars().all(|c| c.is_ascii_alphanumeric());
-    let valid_id = !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    let valid_type =
+        kind.starts_with(|c: char| c.is_ascii_uppercase()) && kind.chars().all(|c| c.is_ascii_alphanumeric());
+    let valid_id =
+        !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
     (valid_type && valid_id).then_some((kind, id))
 }
 
@@ -452,7 +476,10 @@ mod tests {
         let milli = parse_date_range("2020-03-04T10:30:05.123Z").unwrap();
         assert_eq!(format_instant(milli.0), "2020-03-04T10:30:05.123000Z");
         assert_eq!(format_instant(milli.1), "2020-03-04T10:30:05.123999Z");
-        assert_eq!(parse_date_range("2020-03-04T10:30:05").unwrap().0, parse_date_range("2020-03-04T10:30:05Z").unwrap().0);
+        assert_eq!(
+            parse_date_range("2020-03-04T10:30:05").unwrap().0,
+            parse_date_range("2020-03-04T10:30:05Z").unwrap().0
+        );
         for bad in ["", "20", "2020-13", "2020-02-30", "2020-1-01", "2020-01-01T25:00", "2020-01-01T10:00+2", "abc"] {
             assert_eq!(parse_date_range(bad), None, "{bad}");
         }
@@ -482,13 +509,23 @@ mod tests {
             "birthDate": "1980-05", "active": true, "gender": "female",
             "telecom": [{"system": "phone", "value": "555"}]}));
         let has = |row: Row| assert!(rows.contains(&row), "missing {row:?} in {rows:?}");
-        has(Row::Token { key: "Patient.identifier".into(), system: Some("urn:mrn".into()), code: Some("42".into()), text: None });
+        has(Row::Token {
+            key: "Patient.identifier".into(),
+            system: Some("urn:mrn".into()),
+            code: Some("42".into()),
+            text: None,
+        });
         has(Row::String { key: "Patient.family".into(), norm: "olsen".into(), exact: "Ölsen".into() });
         has(Row::String { key: "Patient.name".into(), norm: "dr".into(), exact: "Dr".into() });
         has(Row::String { key: "Patient.address".into(), norm: "1 main".into(), exact: "1 Main".into() });
         has(Row::String { key: "Patient.address-city".into(), norm: "koln".into(), exact: "Köln".into() });
         has(Row::Token { key: "Patient.active".into(), system: None, code: Some("true".into()), text: None });
-        has(Row::Token { key: "Patient.phone".into(), system: Some("phone".into()), code: Some("555".into()), text: None });
+        has(Row::Token {
+            key: "Patient.phone".into(),
+            system: Some("phone".into()),
+            code: Some("555".into()),
+            text: None,
+        });
         let (low, high) = parse_date_range("1980-05").unwrap();
         has(Row::Date { key: "Patient.birthdate".into(), low, high });
 

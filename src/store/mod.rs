@@ -286,7 +286,9 @@ fn write_index_rows(transaction: &rusqlite::Transaction<'_>, rid: i64, resource:
                 .prepare_cached("INSERT INTO idx_date (rid, param, low, high) VALUES (?1, ?2, ?3, ?4)")?
                 .execute(params![rid, key, low, high])?,
             Row::Reference { key, target_type, target_id } => transaction
-                .prepare_cached("INSERT INTO idx_reference (rid, param, target_type, target_id) VALUES (?1, ?2, ?3, ?4)")?
+                .prepare_cached(
+                    "INSERT INTO idx_reference (rid, param, target_type, target_id) VALUES (?1, ?2, ?3, ?4)",
+                )?
                 .execute(params![rid, key, target_type, target_id])?,
             Row::Number { key, value, system, code } => transaction
                 .prepare_cached("INSERT INTO idx_number (rid, param, value, system, code) VALUES (?1, ?2, ?3, ?4, ?5)")?
@@ -437,8 +439,9 @@ pub fn history(connection: &Connection, query: &HistoryQuery) -> Result<HistoryP
          ORDER BY last_updated_us DESC, seq DESC LIMIT {limit} OFFSET {offset}"
     );
     let mut statement = connection.prepare_cached(&sql)?;
-    let versions =
-        statement.query_map(rusqlite::params_from_iter(values.iter()), stored_from_row)?.collect::<Result<Vec<_>, _>>()?;
+    let versions = statement
+        .query_map(rusqlite::params_from_iter(values.iter()), stored_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(HistoryPage { total: u64::try_from(total).unwrap_or(0), versions })
 }
 
@@ -448,7 +451,8 @@ pub fn stored_types(connection: &Connection) -> Result<Vec<String>, StoreError> 
     let mut types = Vec::new();
     let mut after = String::new();
     let mut next = connection.prepare_cached("SELECT type FROM resources WHERE type > ?1 ORDER BY type LIMIT 1")?;
-    let mut live = connection.prepare_cached("SELECT EXISTS (SELECT 1 FROM resources WHERE type = ?1 AND deleted = 0)")?;
+    let mut live =
+        connection.prepare_cached("SELECT EXISTS (SELECT 1 FROM resources WHERE type = ?1 AND deleted = 0)")?;
     while let Some(kind) = next.query_row([&after], |row| row.get::<_, String>(0)).optional()? {
         if live.query_row([&kind], |row| row.get::<_, bool>(0))? {
             types.push(kind.clone());
@@ -540,16 +544,21 @@ mod tests {
     #[test]
     fn put_read_vread_unchanged_update_delete() {
         let (_directory, mut connection) = open();
-        let patient = json!({"resourceType": "Patient", "id": "p1", "meta": {"source": "lab"}, "name": [{"family": "Smith"}]});
+        let patient =
+            json!({"resourceType": "Patient", "id": "p1", "meta": {"source": "lab"}, "name": [{"family": "Smith"}]});
         assert_eq!(put_one(&mut connection, patient.clone(), 1_000_000), PutOutcome::Created { version: 1 });
         let stored = read(&connection, "Patient", "p1").unwrap().unwrap();
         assert_eq!((stored.version, stored.last_updated_us, stored.deleted), (1, 1_000_000, false));
         let body: Value = serde_json::from_str(&stored.body).unwrap();
-        assert_eq!(body["meta"], json!({"source": "lab", "versionId": "1", "lastUpdated": "1970-01-01T00:00:01.000000Z"}));
+        assert_eq!(
+            body["meta"],
+            json!({"source": "lab", "versionId": "1", "lastUpdated": "1970-01-01T00:00:01.000000Z"})
+        );
         assert_eq!(body["name"], patient["name"]);
 
         // Same content, different meta and key order: unchanged, nothing written.
-        let same = json!({"name": [{"family": "Smith"}], "id": "p1", "resourceType": "Patient", "meta": {"versionId": "9"}});
+        let same =
+            json!({"name": [{"family": "Smith"}], "id": "p1", "resourceType": "Patient", "meta": {"versionId": "9"}});
         assert_eq!(put_one(&mut connection, same, 2_000_000), PutOutcome::Unchanged { version: 1 });
         assert_eq!(count(&connection, "resource_versions"), 1);
 
@@ -593,7 +602,12 @@ mod tests {
     fn malformed_resources_are_refused() {
         let (_directory, mut connection) = open();
         let transaction = connection.transaction().unwrap();
-        for bad in [json!([]), json!({"id": "x"}), json!({"resourceType": "Patient"}), json!({"resourceType": "Patient", "id": ""})] {
+        for bad in [
+            json!([]),
+            json!({"id": "x"}),
+            json!({"resourceType": "Patient"}),
+            json!({"resourceType": "Patient", "id": ""}),
+        ] {
             assert!(matches!(put(&transaction, &bad, 1, None), Err(StoreError::Malformed(_))), "{bad}");
         }
     }
@@ -619,7 +633,10 @@ mod tests {
         let instance = history(&connection, &query(Some("Patient"), Some("a"))).unwrap();
         assert_eq!(instance.versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![2, 1]);
         let window = HistoryQuery { since_us: Some(20), before_us: Some(40), ..query(None, None) };
-        assert_eq!(history(&connection, &window).unwrap().versions.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(), vec!["o", "b"]);
+        assert_eq!(
+            history(&connection, &window).unwrap().versions.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+            vec!["o", "b"]
+        );
         let paged = HistoryQuery { count: 1, offset: 1, ..query(None, None) };
         let page = history(&connection, &paged).unwrap();
         assert_eq!((page.total, page.versions.len(), page.versions[0].id.as_str()), (4, 1, "o"));

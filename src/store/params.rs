@@ -195,9 +195,24 @@ mod tests {
                 assert!(find(kind, name).is_some(), "{kind}.{name}");
             }
         }
-        for kind in ["Practitioner", "Organization", "Location", "Condition", "AllergyIntolerance", "Procedure", "Immunization",
-            "Coverage", "RelatedPerson", "Specimen", "MedicationRequest", "Provenance", "Schedule", "Slot", "Account", "EpisodeOfCare"]
-        {
+        for kind in [
+            "Practitioner",
+            "Organization",
+            "Location",
+            "Condition",
+            "AllergyIntolerance",
+            "Procedure",
+            "Immunization",
+            "Coverage",
+            "RelatedPerson",
+            "Specimen",
+            "MedicationRequest",
+            "Provenance",
+            "Schedule",
+            "Slot",
+            "Account",
+            "EpisodeOfCare",
+        ] {
             assert!(find(kind, "identifier").is_some() || kind == "Provenance", "{kind}");
         }
     }

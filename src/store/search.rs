@@ -247,8 +247,12 @@ fn number_condition(binder: &mut Binder, prefix: Prefix, text: &str, column: &st
     };
     let half = 0.5 * 10f64.powi(-decimals);
     Some(match prefix {
-        Prefix::Eq => format!("({column} >= {} AND {column} < {})", binder.bind(value - half), binder.bind(value + half)),
-        Prefix::Ne => format!("NOT ({column} >= {} AND {column} < {})", binder.bind(value - half), binder.bind(value + half)),
+        Prefix::Eq => {
+            format!("({column} >= {} AND {column} < {})", binder.bind(value - half), binder.bind(value + half))
+        }
+        Prefix::Ne => {
+            format!("NOT ({column} >= {} AND {column} < {})", binder.bind(value - half), binder.bind(value + half))
+        }
         Prefix::Lt | Prefix::Eb => format!("{column} < {}", binder.bind(value)),
         Prefix::Gt | Prefix::Sa => format!("{column} > {}", binder.bind(value)),
         Prefix::Le => format!("{column} <= {}", binder.bind(value)),
@@ -318,7 +322,9 @@ impl Parser<'_> {
             };
             let key = self.binder.bind(key);
             let operator = if missing { "NOT IN" } else { "IN" };
-            return Compiled::Condition(format!("{alias}.rid {operator} (SELECT rid FROM {table} WHERE param = {key})"));
+            return Compiled::Condition(format!(
+                "{alias}.rid {operator} (SELECT rid FROM {table} WHERE param = {key})"
+            ));
         }
         let values = split_escaped(value, ',');
         match param_name {
@@ -352,7 +358,14 @@ impl Parser<'_> {
         self.typed(param, alias, name, modifier, &values)
     }
 
-    fn typed(&mut self, param: &SearchParam, alias: &str, name: &str, modifier: Option<&str>, values: &[String]) -> Compiled {
+    fn typed(
+        &mut self,
+        param: &SearchParam,
+        alias: &str,
+        name: &str,
+        modifier: Option<&str>,
+        values: &[String],
+    ) -> Compiled {
         let resource_type = param.resource_type.as_str();
         let key = index::key(resource_type, &param.name);
         let mut alternatives = Vec::new();
@@ -476,7 +489,9 @@ impl Parser<'_> {
         let parts = split_escaped(value, '|');
         match parts.as_slice() {
             [code] => format!("code = {}", self.binder.bind(unescape(code))),
-            [system, code] if system.is_empty() => format!("(system IS NULL AND code = {})", self.binder.bind(unescape(code))),
+            [system, code] if system.is_empty() => {
+                format!("(system IS NULL AND code = {})", self.binder.bind(unescape(code)))
+            }
             [system, code] if code.is_empty() => format!("system = {}", self.binder.bind(unescape(system))),
             [system, code, ..] => format!(
                 "(system = {} AND code = {})",
@@ -521,7 +536,9 @@ impl Parser<'_> {
                 .collect(),
         };
         if targets.is_empty() {
-            return Compiled::Unsupported(format!("chained parameter `{chain}` is unknown for the targets of `{param_name}`"));
+            return Compiled::Unsupported(format!(
+                "chained parameter `{chain}` is unknown for the targets of `{param_name}`"
+            ));
         }
         let key = self.binder.bind(index::key(resource_type, &param.name));
         let mut branches = Vec::new();
@@ -843,8 +860,9 @@ fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> R
         None
     } else {
         let sql = format!("SELECT COUNT(*) FROM resources r WHERE {filter}");
-        let count: i64 =
-            connection.prepare_cached(&sql)?.query_row(rusqlite::params_from_iter(binder.values.iter()), |row| row.get(0))?;
+        let count: i64 = connection
+            .prepare_cached(&sql)?
+            .query_row(rusqlite::params_from_iter(binder.values.iter()), |row| row.get(0))?;
         Some(u64::try_from(count).unwrap_or(0))
     };
     if query.count == 0 || query.summary == Some(Summary::Count) {
@@ -980,7 +998,8 @@ fn includes(
                 }
             }
         }
-        frontier = added.iter().map(|(rid, resource)| (*rid, resource.resource_type.clone(), resource.id.clone())).collect();
+        frontier =
+            added.iter().map(|(rid, resource)| (*rid, resource.resource_type.clone(), resource.id.clone())).collect();
         included.extend(added.into_iter().map(|(_, resource)| resource));
         let iterate = query.includes.iter().chain(&query.revincludes).any(|include| include.iterate);
         if !iterate || frontier.is_empty() {
@@ -1030,4 +1049,451 @@ pub fn in_compartment(
         .query_row(rusqlite::params![resource_type, id, patient_id], |_| Ok(()))
         .optional()?;
     Ok(found.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::put;
+    use serde_json::json;
+
+    struct Fixture {
+        _directory: tempfile::TempDir,
+        connection: Connection,
+        clock: i64,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let directory = tempfile::tempdir().unwrap();
+            let connection = crate::db::open(&directory.path().join("gateway.db")).unwrap();
+            Fixture { _directory: directory, connection, clock: 1_600_000_000_000_000 }
+        }
+
+        fn put(&mut self, resource: Value) {
+            self.clock += 1_000_000;
+            let transaction = self.connection.transaction().unwrap();
+            put(&transaction, &resource, self.clock, None).unwrap();
+            transaction.commit().unwrap();
+        }
+
+        fn delete(&mut self, resource_type: &str, id: &str) {
+            let transaction = self.connection.transaction().unwrap();
+            crate::store::delete(&transaction, resource_type, id, self.clock, None).unwrap();
+            transaction.commit().unwrap();
+        }
+
+        fn query(&self, resource_type: &str, query: &str) -> Result<Query, SearchError> {
+            parse(resource_type, &pairs(query), Handling::Strict)
+        }
+
+        /// Ids of the first page of `resource_type?query` (strict handling), in order.
+        fn ids(&self, resource_type: &str, query: &str) -> Vec<String> {
+            let query = self.query(resource_type, query).unwrap_or_else(|error| panic!("{query}: {error}"));
+            let page = execute(&self.connection, &query).unwrap();
+            page.matches.into_iter().map(|resource| resource.id).collect()
+        }
+    }
+
+    fn pairs(query: &str) -> Vec<(String, String)> {
+        query
+            .split('&')
+            .filter(|pair| !pair.is_empty())
+            .map(|pair| {
+                let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (decode(name), decode(value))
+            })
+            .collect()
+    }
+
+    fn decode(text: &str) -> String {
+        let bytes = text.as_bytes();
+        let mut out = Vec::new();
+        let mut index = 0;
+        while index < bytes.len() {
+            if bytes[index] == b'%' && index + 2 < bytes.len() + 1 {
+                out.push(u8::from_str_radix(&text[index + 1..index + 3], 16).unwrap());
+                index += 3;
+            } else {
+                out.push(bytes[index]);
+                index += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    fn sorted(mut ids: Vec<String>) -> Vec<String> {
+        ids.sort();
+        ids
+    }
+
+    fn fixture() -> Fixture {
+        let mut fixture = Fixture::new();
+        fixture.put(
+            json!({"resourceType": "Patient", "id": "p1", "active": true, "gender": "female", "birthDate": "1980-05-17",
+            "identifier": [{"system": "urn:mrn", "value": "100"}],
+            "name": [{"family": "Müller", "given": ["Anna", "Maria"]}],
+            "telecom": [{"system": "phone", "value": "555-1"}, {"system": "email", "value": "anna@example.org"}],
+            "address": [{"line": ["1 Main St"], "city": "Zürich", "postalCode": "8000"}]}),
+        );
+        fixture.put(
+            json!({"resourceType": "Patient", "id": "p2", "active": false, "gender": "male", "birthDate": "1990",
+            "identifier": [{"system": "urn:mrn", "value": "200"}, {"system": "urn:other", "value": "100"}],
+            "name": [{"family": "Smith", "given": ["John"]}]}),
+        );
+        fixture
+            .put(json!({"resourceType": "Patient", "id": "p3", "gender": "male", "birthDate": "1990-02-10T10:30:00Z",
+            "name": [{"family": "Smithson", "given": ["Bob"]}]}));
+        fixture.put(json!({"resourceType": "Observation", "id": "o1", "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2345-7", "display": "Glucose"}]},
+            "subject": {"reference": "Patient/p1"}, "encounter": {"reference": "Encounter/e1"},
+            "effectiveDateTime": "2020-03-04T10:00:00Z",
+            "valueQuantity": {"value": 5.4, "system": "http://unitsofmeasure.org", "code": "mmol/L"}}));
+        fixture.put(json!({"resourceType": "Observation", "id": "o2", "status": "preliminary",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "718-7", "display": "Hemoglobin"}], "text": "Hb"},
+            "subject": {"reference": "http://example.org/fhir/Patient/p2", "identifier": {"system": "urn:mrn", "value": "200"}},
+            "effectivePeriod": {"start": "2020-03-01", "end": "2020-03-31"},
+            "valueQuantity": {"value": 140, "system": "http://unitsofmeasure.org", "code": "g/L"}}));
+        fixture.put(json!({"resourceType": "Observation", "id": "o3", "status": "final",
+            "code": {"coding": [{"code": "local-1"}]},
+            "subject": {"reference": "Group/g1"}, "valueString": "Positive result"}));
+        fixture.put(json!({"resourceType": "Encounter", "id": "e1", "status": "finished",
+            "subject": {"reference": "Patient/p1"}, "period": {"start": "2020-03-04T09:00:00Z"},
+            "location": [{"location": {"reference": "Location/l1"}}]}));
+        fixture.put(json!({"resourceType": "Location", "id": "l1", "name": "Ward 1"}));
+        fixture
+    }
+
+    #[test]
+    fn id_and_last_updated() {
+        let fixture = fixture();
+        assert_eq!(sorted(fixture.ids("Patient", "_id=p1,p3")), vec!["p1", "p3"]);
+        assert_eq!(fixture.ids("Patient", "_lastUpdated=gt2100"), Vec::<String>::new());
+        assert_eq!(fixture.ids("Patient", "_lastUpdated=ge2020").len(), 3);
+        assert_eq!(fixture.ids("Patient", "_lastUpdated=lt2020").len(), 0);
+    }
+
+    #[test]
+    fn string_modifiers() {
+        let mut fixture = fixture();
+        assert_eq!(sorted(fixture.ids("Patient", "family=smith")), vec!["p2", "p3"]);
+        assert_eq!(fixture.ids("Patient", "family=MULLER"), vec!["p1"]);
+        assert_eq!(fixture.ids("Patient", "family:exact=Smith"), vec!["p2"]);
+        assert_eq!(fixture.ids("Patient", "family:exact=smith"), Vec::<String>::new());
+        assert_eq!(fixture.ids("Patient", "family:contains=THSO"), vec!["p3"]);
+        assert_eq!(fixture.ids("Patient", "given=mar"), vec!["p1"]);
+        assert_eq!(fixture.ids("Patient", "name=anna"), vec!["p1"]);
+        assert_eq!(fixture.ids("Patient", "address=zurich"), vec!["p1"]);
+        assert_eq!(fixture.ids("Patient", "address-postalcode=8000"), vec!["p1"]);
+        assert_eq!(sorted(fixture.ids("Patient", "address:missing=true")), vec!["p2", "p3"]);
+        assert_eq!(fixture.ids("Patient", "address:missing=false"), vec!["p1"]);
+        assert_eq!(fixture.ids("Observation", "value-string=pos"), vec!["o3"]);
+        // Comma is OR, repetition is AND.
+        assert_eq!(sorted(fixture.ids("Patient", "family=muller,smithson")), vec!["p1", "p3"]);
+        assert_eq!(fixture.ids("Patient", "family=smith&given=bob"), vec!["p3"]);
+        // Deleted resources never match.
+        fixture.delete("Patient", "p3");
+        assert_eq!(fixture.ids("Patient", "family=smith"), vec!["p2"]);
+    }
+
+    #[test]
+    fn token_forms_and_modifiers() {
+        let fixture = fixture();
+        assert_eq!(sorted(fixture.ids("Patient", "identifier=100")), vec!["p1", "p2"]);
+        assert_eq!(fixture.ids("Patient", "identifier=urn:mrn|100"), vec!["p1"]);
+        assert_eq!(sorted(fixture.ids("Patient", "identifier=urn:mrn|")), vec!["p1", "p2"]);
+        assert_eq!(fixture.ids("Observation", "code=|local-1"), vec!["o3"]);
+        assert_eq!(fixture.ids("Observation", "code=|2345-7"), Vec::<String>::new());
+        assert_eq!(fixture.ids("Observation", "code=http://loinc.org|2345-7"), vec!["o1"]);
+        assert_eq!(sorted(fixture.ids("Observation", "status:not=final")), vec!["o2"]);
+        assert_eq!(fixture.ids("Observation", "code:text=hemo"), vec!["o2"]);
+        assert_eq!(fixture.ids("Observation", "code:text=hb"), vec!["o2"]);
+        assert_eq!(fixture.ids("Patient", "active=true"), vec!["p1"]);
+        assert_eq!(fixture.ids("Patient", "active:missing=true"), vec!["p3"]);
+        assert_eq!(fixture.ids("Patient", "phone=555-1"), vec!["p1"]);
+        assert_eq!(fixture.ids("Patient", "email=anna@example.org"), vec!["p1"]);
+        assert_eq!(fixture.ids("Patient", "telecom=phone|555-1"), vec!["p1"]);
+        assert_eq!(sorted(fixture.ids("Patient", "gender=male")), vec!["p2", "p3"]);
+    }
+
+    #[test]
+    fn date_prefixes_with_partial_dates() {
+        let fixture = fixture();
+        let cases: &[(&str, &[&str])] = &[
+            ("birthdate=1990", &["p2", "p3"]),
+            ("birthdate=1990-02", &["p3"]),
+            ("birthdate=eq1990-02-10", &["p3"]),
+            ("birthdate=1990-02-10T10:30Z", &["p3"]),
+            ("birthdate=1990-02-10T10:30:00%2B00:00", &["p3"]),
+            ("birthdate=1990-02-10T11:30%2B01:00", &["p3"]),
+            ("birthdate=1990-02-10T10:31Z", &[]),
+            ("birthdate=ne1990", &["p1"]),
+            ("birthdate=lt1990", &["p1"]),
+            ("birthdate=lt1990-06", &["p1", "p2", "p3"]),
+            ("birthdate=gt1985", &["p2", "p3"]),
+            ("birthdate=gt1990-02-10", &["p2"]),
+            ("birthdate=le1980-05-17", &["p1"]),
+            ("birthdate=ge1990-02-10", &["p2", "p3"]),
+            ("birthdate=sa1989", &["p2", "p3"]),
+            ("birthdate=eb1990-01", &["p1"]),
+            ("birthdate=eb1991", &["p1", "p2", "p3"]),
+            ("birthdate=ap1980-05-17", &["p1"]),
+            ("birthdate=1980,1990-02", &["p1", "p3"]),
+            ("birthdate=ge1980&birthdate=lt1990", &["p1"]),
+        ];
+        for (query, expected) in cases {
+            assert_eq!(sorted(fixture.ids("Patient", query)), expected.to_vec(), "{query}");
+        }
+        // A period: o2 covers March 2020, o1 is one instant in it.
+        assert_eq!(sorted(fixture.ids("Observation", "date=2020-03")), vec!["o1", "o2"]);
+        assert_eq!(fixture.ids("Observation", "date=2020-03-04"), vec!["o1"]);
+        assert_eq!(sorted(fixture.ids("Observation", "date=ge2020-03-15")), vec!["o2"]);
+        assert_eq!(sorted(fixture.ids("Observation", "date=le2020-03-02")), vec!["o2"]);
+        // An open period end reaches to infinity.
+        assert_eq!(fixture.ids("Encounter", "date=gt2030"), vec!["e1"]);
+        assert_eq!(fixture.ids("Encounter", "date=lt2020-03-04"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn quantity_and_number_prefixes() {
+        let fixture = fixture();
+        assert_eq!(fixture.ids("Observation", "value-quantity=5.4"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "value-quantity=5.44"), Vec::<String>::new());
+        assert_eq!(fixture.ids("Observation", "value-quantity=5"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "value-quantity=gt100"), vec!["o2"]);
+        assert_eq!(sorted(fixture.ids("Observation", "value-quantity=le140")), vec!["o1", "o2"]);
+        assert_eq!(fixture.ids("Observation", "value-quantity=lt140"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "value-quantity=ap150"), vec!["o2"]);
+        assert_eq!(fixture.ids("Observation", "value-quantity=ne5.4"), vec!["o2"]);
+        assert_eq!(fixture.ids("Observation", "value-quantity=5.4|http://unitsofmeasure.org|mmol/L"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "value-quantity=5.4||mmol/L"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "value-quantity=5.4||g/L"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn references_and_chains() {
+        let fixture = fixture();
+        assert_eq!(fixture.ids("Observation", "subject=Patient/p1"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "subject=p1"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "patient=p2"), vec!["o2"]);
+        assert_eq!(fixture.ids("Observation", "subject=http://other.org/fhir/Patient/p2"), vec!["o2"]);
+        assert_eq!(fixture.ids("Observation", "subject:Patient=p1"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "subject:Group=g1"), vec!["o3"]);
+        assert_eq!(fixture.ids("Observation", "patient:missing=true"), vec!["o3"]);
+        assert_eq!(fixture.ids("Observation", "subject:identifier=urn:mrn|200"), vec!["o2"]);
+        assert_eq!(fixture.ids("Observation", "patient.identifier=urn:mrn|100"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "subject:Patient.name=smith"), vec!["o2"]);
+        assert_eq!(fixture.ids("Observation", "subject.family=muller"), vec!["o1"]);
+        assert_eq!(fixture.ids("Observation", "patient._id=p2"), vec!["o2"]);
+        assert_eq!(fixture.ids("Encounter", "location.name=ward"), vec!["e1"]);
+        assert!(fixture.query("Observation", "subject=Patient/p1/x/").is_err());
+    }
+
+    #[test]
+    fn include_and_revinclude() {
+        let fixture = fixture();
+        let run = |resource_type: &str, query: &str| {
+            let query = fixture.query(resource_type, query).unwrap();
+            let page = execute(&fixture.connection, &query).unwrap();
+            let matches: Vec<String> = page.matches.iter().map(|r| format!("{}/{}", r.resource_type, r.id)).collect();
+            let included: Vec<String> = page.included.iter().map(|r| format!("{}/{}", r.resource_type, r.id)).collect();
+            (matches, sorted(included))
+        };
+        assert_eq!(
+            run("Observation", "_id=o1&_include=Observation:patient"),
+            (vec!["Observation/o1".into()], vec!["Patient/p1".into()])
+        );
+        assert_eq!(
+            run("Observation", "_id=o1,o2&_include=Observation:subject:Patient").1,
+            vec!["Patient/p1".to_string(), "Patient/p2".to_string()]
+        );
+        // `*`: every reference; the Encounter e1 is not stored... it is: include it too.
+        assert_eq!(
+            run("Observation", "_id=o1&_include=*").1,
+            vec!["Encounter/e1".to_string(), "Patient/p1".to_string()]
+        );
+        assert_eq!(
+            run("Patient", "_id=p1&_revinclude=Observation:patient&_revinclude=Encounter:subject").1,
+            vec!["Encounter/e1".to_string(), "Observation/o1".to_string()]
+        );
+        assert_eq!(
+            run("Observation", "_id=o1&_include=Observation:encounter&_include:iterate=Encounter:location").1,
+            vec!["Encounter/e1".to_string(), "Location/l1".to_string()]
+        );
+        // Never a match twice.
+        assert_eq!(run("Patient", "_id=p1,p2&_include=Patient:link").1, Vec::<String>::new());
+    }
+
+    #[test]
+    fn sort_ascending_descending_and_multiple_keys() {
+        let fixture = fixture();
+        assert_eq!(fixture.ids("Patient", "_sort=family"), vec!["p1", "p2", "p3"]);
+        assert_eq!(fixture.ids("Patient", "_sort=-family"), vec!["p3", "p2", "p1"]);
+        assert_eq!(fixture.ids("Patient", "_sort=gender,-birthdate"), vec!["p1", "p2", "p3"]);
+        // Dates sort by their range: ascending by start (1990 starts before 1990-02-10),
+        // descending by end (1990 ends after 1990-02-10).
+        assert_eq!(fixture.ids("Patient", "_sort=-gender,birthdate"), vec!["p2", "p3", "p1"]);
+        assert_eq!(fixture.ids("Patient", "_sort=-_id"), vec!["p3", "p2", "p1"]);
+        assert_eq!(fixture.ids("Patient", "_sort=-_lastUpdated"), vec!["p3", "p2", "p1"]);
+        // Missing values sort last; ties break by insertion order.
+        assert_eq!(fixture.ids("Patient", "_sort=active"), vec!["p2", "p1", "p3"]);
+        assert_eq!(fixture.ids("Observation", "_sort=-value-quantity"), vec!["o2", "o1", "o3"]);
+        assert_eq!(fixture.ids("Observation", "_sort=status"), vec!["o1", "o3", "o2"]);
+    }
+
+    /// Walks every page of `resource_type?query`, inserting a new matching resource after
+    /// the first page; returns the ids seen.
+    fn walk(fixture: &mut Fixture, resource_type: &str, query: &str, insert: Value) -> Vec<String> {
+        let mut seen = Vec::new();
+        let mut current = fixture.query(resource_type, query).unwrap();
+        let mut pages = 0;
+        loop {
+            let page = execute(&fixture.connection, &current).unwrap();
+            assert!(page.matches.len() <= current.count);
+            seen.extend(page.matches.iter().map(|resource| resource.id.clone()));
+            pages += 1;
+            if pages == 1 {
+                fixture.put(insert.clone());
+            }
+            let Some(next) = page.next else { break };
+            assert!(next.contains("_page="), "{next}");
+            current = fixture.query(resource_type, &next).unwrap();
+            assert!(pages < 100);
+        }
+        seen
+    }
+
+    #[test]
+    fn paging_returns_every_match_once() {
+        let mut fixture = Fixture::new();
+        for index in 0..23 {
+            fixture.put(json!({"resourceType": "Patient", "id": format!("p{index:02}"),
+                "name": [{"family": format!("Name{}", index % 5)}], "birthDate": format!("19{:02}", 50 + index % 7)}));
+        }
+        for (query, insert_family) in
+            [("_count=5", "Zed"), ("_count=4&_sort=-family,birthdate", "Name3"), ("_count=3&_sort=birthdate", "Aaa")]
+        {
+            let id = format!("new-{insert_family}");
+            let insert =
+                json!({"resourceType": "Patient", "id": id, "name": [{"family": insert_family}], "birthDate": "1951"});
+            let before: Vec<String> = {
+                let query = fixture.query("Patient", &format!("{query}&_count=1000")).unwrap();
+                execute(&fixture.connection, &query).unwrap().matches.into_iter().map(|r| r.id).collect()
+            };
+            let seen = walk(&mut fixture, "Patient", query, insert);
+            let unique: HashSet<&String> = seen.iter().collect();
+            assert_eq!(unique.len(), seen.len(), "{query}: duplicates in {seen:?}");
+            for id in &before {
+                assert!(seen.contains(id), "{query}: {id} missing");
+            }
+            // Order of the walk equals the order of one big page (minus the insertion).
+            let walked: Vec<&String> = seen.iter().filter(|id| !id.starts_with("new-")).collect();
+            let expected: Vec<&String> = before.iter().filter(|id| !id.starts_with("new-")).collect();
+            assert_eq!(walked, expected, "{query}");
+        }
+    }
+
+    #[test]
+    fn count_summary_and_total() {
+        let fixture = fixture();
+        let run = |query: &str| execute(&fixture.connection, &fixture.query("Patient", query).unwrap()).unwrap();
+        let page = run("_summary=count");
+        assert_eq!((page.total, page.matches.len(), page.next), (Some(3), 0, None));
+        let page = run("_count=0");
+        assert_eq!((page.total, page.matches.len()), (Some(3), 0));
+        let page = run("_total=none&_count=2");
+        assert_eq!((page.total, page.matches.len()), (None, 2));
+        assert!(page.next.is_some());
+        let page = run("_count=2");
+        assert_eq!(page.total, Some(3));
+        let query =
+            fixture.query("Patient", "_count=5000&_summary=data&_elements=id,name&_format=json&_pretty=true").unwrap();
+        assert_eq!(query.count, MAX_COUNT);
+        assert_eq!(query.summary, Some(Summary::Data));
+        assert_eq!(query.elements, Some(vec!["id".to_string(), "name".to_string()]));
+        assert!(query.warnings.is_empty());
+        assert_eq!(query.self_link(), "_count=5000&_elements=id,name&_summary=data");
+    }
+
+    #[test]
+    fn self_link_is_canonical_and_encoded() {
+        let query = parse(
+            "Observation",
+            &pairs("subject=Patient/p1&code=http://loinc.org|1-8&bogus=1&_sort=-date"),
+            Handling::Lenient,
+        )
+        .unwrap();
+        assert_eq!(query.self_link(), "_sort=-date&code=http:%2F%2Floinc.org%7C1-8&subject=Patient%2Fp1");
+        assert_eq!(query.warnings.len(), 1);
+        assert!(query.warnings[0].contains("bogus"));
+    }
+
+    #[test]
+    fn strict_and_lenient_unknown_parameters() {
+        let lenient =
+            parse("Patient", &pairs("bogus=1&family:fuzzy=x&_include=Nope:x&_sort=nope"), Handling::Lenient).unwrap();
+        assert_eq!(lenient.warnings.len(), 4, "{:?}", lenient.warnings);
+        assert!(lenient.warnings.iter().any(|warning| warning.contains("bogus")));
+        assert!(lenient.warnings.iter().any(|warning| warning.contains("fuzzy")));
+        assert_eq!(lenient.self_link(), "");
+        for query in ["bogus=1", "family:fuzzy=x", "_sort=nope", "_revinclude=Observation:nope", "gender:below=x"] {
+            let error = parse("Patient", &pairs(query), Handling::Strict).unwrap_err();
+            assert_eq!(error.issues.len(), 1, "{query}");
+        }
+    }
+
+    #[test]
+    fn malformed_values_are_errors() {
+        for (query, needle) in [
+            ("birthdate=1990-13", "birthdate"),
+            ("birthdate=xx1990", "xx1990"),
+            ("_lastUpdated=yesterday", "_lastUpdated"),
+            ("_count=-1", "_count"),
+            ("_count=many", "many"),
+            ("_summary=maybe", "_summary"),
+            ("_total=some", "_total"),
+            ("active:missing=perhaps", "perhaps"),
+            ("_page=zz", "_page"),
+        ] {
+            for handling in [Handling::Lenient, Handling::Strict] {
+                let error = parse("Patient", &pairs(query), handling).unwrap_err();
+                assert!(error.to_string().contains(needle), "{query}: {error}");
+            }
+        }
+        let error = parse("Observation", &pairs("value-quantity=gtabc"), Handling::Lenient).unwrap_err();
+        assert!(error.to_string().contains("value-quantity"));
+    }
+
+    #[test]
+    fn compartment_restricts_matches() {
+        let fixture = fixture();
+        let mut query = fixture.query("Observation", "").unwrap();
+        query.compartment = Some("p1".into());
+        let ids: Vec<String> =
+            execute(&fixture.connection, &query).unwrap().matches.into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec!["o1"]);
+        let mut query = fixture.query("Patient", "").unwrap();
+        query.compartment = Some("p1".into());
+        let page = execute(&fixture.connection, &query).unwrap();
+        assert_eq!((page.total, page.matches[0].id.as_str()), (Some(1), "p1"));
+        assert!(in_compartment(&fixture.connection, "Observation", "o1", "p1").unwrap());
+        assert!(in_compartment(&fixture.connection, "Patient", "p1", "p1").unwrap());
+        assert!(!in_compartment(&fixture.connection, "Observation", "o2", "p1").unwrap());
+        assert!(!in_compartment(&fixture.connection, "Location", "l1", "p1").unwrap());
+    }
+
+    #[test]
+    fn everything_pages_through_the_compartment() {
+        let fixture = fixture();
+        let first = everything(&fixture.connection, "p1", 2, None).unwrap();
+        assert_eq!(first.total, Some(3));
+        let mut ids: Vec<String> = first.matches.iter().map(|r| format!("{}/{}", r.resource_type, r.id)).collect();
+        let next = first.next.unwrap();
+        let token = next.split("_page=").nth(1).unwrap();
+        let second = everything(&fixture.connection, "p1", 2, Some(token)).unwrap();
+        assert!(second.next.is_none());
+        ids.extend(second.matches.iter().map(|r| format!("{}/{}", r.resource_type, r.id)));
+        assert_eq!(ids, vec!["Patient/p1", "Observation/o1", "Encounter/e1"]);
+        assert!(everything(&fixture.connection, "p1", 2, Some("bad")).is_err());
+    }
 }
