@@ -753,7 +753,7 @@ fn encode_cursor(keys: &[SqlValue], rid: i64) -> String {
 }
 
 fn decode_cursor(token: &str, key_count: usize) -> Option<Cursor> {
-    if token.len() % 2 != 0 || !token.is_ascii() {
+    if !token.len().is_multiple_of(2) || !token.is_ascii() {
         return None;
     }
     let bytes: Option<Vec<u8>> =
