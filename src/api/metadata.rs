@@ -117,9 +117,15 @@ fn resource_capability(resource_type: &str) -> Value {
         "updateCreate": false,
         "conditionalRead": "full-support",
         "searchInclude": includes,
-        "searchRevInclude": revincludes,
+        "searchRevInclude": &revincludes,
         "searchParam": search_params,
     });
+    // FHIR has no empty arrays: leave the element out when nothing refers to this type.
+    if revincludes.is_empty() {
+        if let Some(object) = capability.as_object_mut() {
+            object.remove("searchRevInclude");
+        }
+    }
     if resource_type == "Patient" {
         capability["operation"] = json!([{
             "name": "everything",
