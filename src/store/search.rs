@@ -478,10 +478,13 @@ impl Parser<'_> {
             None => self.binder.bind(key),
         };
         let operator = if negate { "NOT IN" } else { "IN" };
-        Compiled::Condition(format!(
-            "{alias}.rid {operator} (SELECT rid FROM {table} WHERE param = {key} AND ({}))",
-            alternatives.join(" OR ")
-        ))
+        // One indexed SELECT per comma-separated value (an OR inside one SELECT would
+        // defeat the (param, value) indexes).
+        let selects: Vec<String> = alternatives
+            .iter()
+            .map(|alternative| format!("SELECT rid FROM {table} WHERE param = {key} AND {alternative}"))
+            .collect();
+        Compiled::Condition(format!("{alias}.rid {operator} ({})", selects.join(" UNION ALL ")))
     }
 
     /// `code`, `system|code`, `|code` or `system|`.
@@ -548,14 +551,15 @@ impl Parser<'_> {
                 other => return other,
             };
             let target_binding = self.binder.bind(target.to_string());
-            branches.push(format!("(ref.target_type = {target_binding} AND {inner})"));
+            // Driven from the matching targets, then their referrers by the target index
+            // (CROSS JOIN fixes that loop order in SQLite).
+            branches.push(format!(
+                "SELECT ref.rid FROM resources t
+                 CROSS JOIN idx_reference ref ON ref.target_id = t.id AND ref.target_type = t.type AND ref.param = {key}
+                 WHERE t.type = {target_binding} AND t.deleted = 0 AND {inner}"
+            ));
         }
-        Compiled::Condition(format!(
-            "{alias}.rid IN (SELECT ref.rid FROM idx_reference ref
-                JOIN resources t ON t.type = ref.target_type AND t.id = ref.target_id AND t.deleted = 0
-                WHERE ref.param = {key} AND ({}))",
-            branches.join(" OR ")
-        ))
+        Compiled::Condition(format!("{alias}.rid IN ({})", branches.join(" UNION ALL ")))
     }
 
     fn sort_key(&mut self, name: &str) -> Option<SortKey> {
@@ -578,7 +582,12 @@ impl Parser<'_> {
                     ParamType::Number | ParamType::Quantity => ("value", "idx_number"),
                 };
                 let key = self.binder.bind(index::key(self.resource_type, name));
-                format!("(SELECT {aggregate}({column}) FROM {table} s WHERE s.rid = r.rid AND s.param = {key})")
+                // INDEXED BY: without it SQLite's min/max optimisation walks the whole
+                // (param, value) index for every row.
+                format!(
+                    "(SELECT {aggregate}({column}) FROM {table} s INDEXED BY {table}_by_resource
+                      WHERE s.rid = r.rid AND s.param = {key})"
+                )
             }
         };
         Some(SortKey { expression, descending })
