@@ -217,7 +217,11 @@ const DAY_US: i64 = 86_400_000_000;
 /// The SQL condition of one date comparison over the inclusive columns `low`/`high`.
 fn date_condition(binder: &mut Binder, prefix: Prefix, (sl, sh): (i64, i64), low: &str, high: &str) -> String {
     match prefix {
-        Prefix::Eq => format!("({low} >= {} AND {high} <= {})", binder.bind(sl), binder.bind(sh)),
+        Prefix::Eq => {
+            // `low <= sh` is implied (low <= high <= sh) but bounds the index range on low.
+            let (sl, sh) = (binder.bind(sl), binder.bind(sh));
+            format!("({low} >= {sl} AND {low} <= {sh} AND {high} <= {sh})")
+        }
         Prefix::Ne => format!("NOT ({low} >= {} AND {high} <= {})", binder.bind(sl), binder.bind(sh)),
         Prefix::Lt => format!("{low} < {}", binder.bind(sl)),
         Prefix::Gt => format!("{high} > {}", binder.bind(sh)),
@@ -381,7 +385,11 @@ impl Parser<'_> {
                             let end = prefix_end(&norm);
                             format!("(norm >= {} AND norm < {})", self.binder.bind(norm), self.binder.bind(end))
                         }
-                        Some("exact") => format!("exact = {}", self.binder.bind(value.clone())),
+                        Some("exact") => format!(
+                            "(norm = {} AND exact = {})",
+                            self.binder.bind(normalize(value)),
+                            self.binder.bind(value.clone())
+                        ),
                         Some("contains") => format!("instr(norm, {}) > 0", self.binder.bind(normalize(value))),
                         Some(other) => return Compiled::Unsupported(format!("modifier `:{other}` of `{name}`")),
                     };
@@ -697,15 +705,21 @@ pub fn parse(resource_type: &str, params: &[(String, String)], handling: Handlin
                 query.elements.get_or_insert_with(Vec::new).extend(elements);
             }
             "_sort" => {
+                // Only the keys that are used go to the self link.
+                let mut valid = Vec::new();
                 for key in value.split(',').map(str::trim).filter(|key| !key.is_empty()) {
                     match parser.sort_key(key) {
-                        Some(sort) => query.sort.push(sort),
-                        None => {
-                            parser.unsupported(format!("_sort: unknown parameter `{key}` for {resource_type}"));
-                            used = false;
+                        Some(sort) => {
+                            query.sort.push(sort);
+                            valid.push(key);
                         }
+                        None => parser.unsupported(format!("_sort: unknown parameter `{key}` for {resource_type}")),
                     }
                 }
+                if !valid.is_empty() {
+                    query.canonical.push((name.to_string(), valid.join(",")));
+                }
+                used = false;
             }
             _ if name.starts_with("_include") || name.starts_with("_revinclude") => {
                 let reverse = name.starts_with("_revinclude");
@@ -1439,6 +1453,8 @@ mod tests {
 
     #[test]
     fn strict_and_lenient_unknown_parameters() {
+        let partial = parse("Patient", &pairs("_sort=family,nope,-_id"), Handling::Lenient).unwrap();
+        assert_eq!((partial.self_link().as_str(), partial.warnings.len()), ("_sort=family,-_id", 1));
         let lenient =
             parse("Patient", &pairs("bogus=1&family:fuzzy=x&_include=Nope:x&_sort=nope"), Handling::Lenient).unwrap();
         assert_eq!(lenient.warnings.len(), 4, "{:?}", lenient.warnings);
