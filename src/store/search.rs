@@ -950,8 +950,37 @@ fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> R
     };
     let page_rids: Vec<i64> = rows.iter().map(|(_, rid, _)| *rid).collect();
     let matches: Vec<StoredResource> = rows.into_iter().map(|(resource, ..)| resource).collect();
-    let included = includes(connection, query, &matches, &page_rids)?;
+    let mut included = includes(connection, query, &matches, &page_rids)?;
+    if let Some(patient) = &query.compartment {
+        // Patient-level access: never include another patient or their data.
+        let mut kept = Vec::with_capacity(included.len());
+        for resource in included {
+            if patient_visible(connection, &resource, patient)? {
+                kept.push(resource);
+            }
+        }
+        included = kept;
+    }
     Ok(Page { total, matches, included, next })
+}
+
+/// For patient-level access: the patient itself, anything in its compartment, and anything
+/// that references no patient at all (practitioners, organizations, locations...).
+fn patient_visible(connection: &Connection, resource: &StoredResource, patient_id: &str) -> Result<bool, StoreError> {
+    if resource.resource_type == "Patient" {
+        return Ok(resource.id == patient_id);
+    }
+    if in_compartment(connection, &resource.resource_type, &resource.id, patient_id)? {
+        return Ok(true);
+    }
+    let other_patient = connection
+        .prepare_cached(
+            "SELECT 1 FROM resources r JOIN idx_reference ref ON ref.rid = r.rid
+             WHERE r.type = ?1 AND r.id = ?2 AND ref.target_type = 'Patient' LIMIT 1",
+        )?
+        .query_row(rusqlite::params![resource.resource_type, resource.id], |_| Ok(()))
+        .optional()?;
+    Ok(other_patient.is_none())
 }
 
 /// `_include` and `_revinclude` for a page: every current resource the page references
@@ -1036,7 +1065,8 @@ fn includes(
 /// (anything that references it through a reference search parameter), `count` per page;
 /// `page` is the opaque token from a previous page's `next`.
 ///
-/// `next` is `_count={count}&_page={token}`; pass the `_page` value back as `page`.
+/// `next` is `_count={count}&_page={token}`; pass the `_page` value back as `page`. A
+/// `page` that is not such a token is [`StoreError::Malformed`].
 pub fn everything(
     connection: &Connection,
     patient_id: &str,
@@ -1505,6 +1535,18 @@ mod tests {
         assert!(in_compartment(&fixture.connection, "Patient", "p1", "p1").unwrap());
         assert!(!in_compartment(&fixture.connection, "Observation", "o2", "p1").unwrap());
         assert!(!in_compartment(&fixture.connection, "Location", "l1", "p1").unwrap());
+
+        // Includes never reach another patient's data.
+        let mut query =
+            fixture.query("Observation", "_include=Observation:subject&_include=Observation:encounter").unwrap();
+        query.compartment = Some("p2".into());
+        let page = execute(&fixture.connection, &query).unwrap();
+        let included: Vec<String> = page.included.iter().map(|r| r.id.clone()).collect();
+        assert_eq!((page.matches.len(), included), (1, vec!["p2".to_string()]));
+        let mut query = fixture.query("Encounter", "_include=Encounter:location").unwrap();
+        query.compartment = Some("p1".into());
+        let page = execute(&fixture.connection, &query).unwrap();
+        assert_eq!(page.included.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["l1"]);
     }
 
     #[test]
