@@ -96,6 +96,7 @@ pub const SCHEMA: &str = "CREATE TABLE resources (
     CREATE INDEX idx_date_by_resource ON idx_date (rid, param);
     CREATE TABLE idx_reference (rid INTEGER NOT NULL, param TEXT NOT NULL, target_type TEXT NOT NULL, target_id TEXT NOT NULL);
     CREATE INDEX idx_reference_by_target ON idx_reference (target_id, target_type, param);
+    CREATE INDEX idx_reference_by_param ON idx_reference (param, target_type, target_id);
     CREATE INDEX idx_reference_by_resource ON idx_reference (rid, param);
     CREATE TABLE idx_number (rid INTEGER NOT NULL, param TEXT NOT NULL, value REAL NOT NULL, system TEXT, code TEXT);
     CREATE INDEX idx_number_by_value ON idx_number (param, value);

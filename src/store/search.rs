@@ -217,7 +217,11 @@ const DAY_US: i64 = 86_400_000_000;
 /// The SQL condition of one date comparison over the inclusive columns `low`/`high`.
 fn date_condition(binder: &mut Binder, prefix: Prefix, (sl, sh): (i64, i64), low: &str, high: &str) -> String {
     match prefix {
-        Prefix::Eq => format!("({low} >= {} AND {high} <= {})", binder.bind(sl), binder.bind(sh)),
+        Prefix::Eq => {
+            // `low <= sh` is implied (low <= high <= sh) but bounds the index range on low.
+            let (sl, sh) = (binder.bind(sl), binder.bind(sh));
+            format!("({low} >= {sl} AND {low} <= {sh} AND {high} <= {sh})")
+        }
         Prefix::Ne => format!("NOT ({low} >= {} AND {high} <= {})", binder.bind(sl), binder.bind(sh)),
         Prefix::Lt => format!("{low} < {}", binder.bind(sl)),
         Prefix::Gt => format!("{high} > {}", binder.bind(sh)),
@@ -381,7 +385,11 @@ impl Parser<'_> {
                             let end = prefix_end(&norm);
                             format!("(norm >= {} AND norm < {})", self.binder.bind(norm), self.binder.bind(end))
                         }
-                        Some("exact") => format!("exact = {}", self.binder.bind(value.clone())),
+                        Some("exact") => format!(
+                            "(norm = {} AND exact = {})",
+                            self.binder.bind(normalize(value)),
+                            self.binder.bind(value.clone())
+                        ),
                         Some("contains") => format!("instr(norm, {}) > 0", self.binder.bind(normalize(value))),
                         Some(other) => return Compiled::Unsupported(format!("modifier `:{other}` of `{name}`")),
                     };
@@ -478,10 +486,13 @@ impl Parser<'_> {
             None => self.binder.bind(key),
         };
         let operator = if negate { "NOT IN" } else { "IN" };
-        Compiled::Condition(format!(
-            "{alias}.rid {operator} (SELECT rid FROM {table} WHERE param = {key} AND ({}))",
-            alternatives.join(" OR ")
-        ))
+        // One indexed SELECT per comma-separated value (an OR inside one SELECT would
+        // defeat the (param, value) indexes).
+        let selects: Vec<String> = alternatives
+            .iter()
+            .map(|alternative| format!("SELECT rid FROM {table} WHERE param = {key} AND {alternative}"))
+            .collect();
+        Compiled::Condition(format!("{alias}.rid {operator} ({})", selects.join(" UNION ALL ")))
     }
 
     /// `code`, `system|code`, `|code` or `system|`.
@@ -548,14 +559,15 @@ impl Parser<'_> {
                 other => return other,
             };
             let target_binding = self.binder.bind(target.to_string());
-            branches.push(format!("(ref.target_type = {target_binding} AND {inner})"));
+            // Driven from the matching targets, then their referrers by the target index
+            // (CROSS JOIN fixes that loop order in SQLite).
+            branches.push(format!(
+                "SELECT ref.rid FROM resources t
+                 CROSS JOIN idx_reference ref ON ref.target_id = t.id AND ref.target_type = t.type AND ref.param = {key}
+                 WHERE t.type = {target_binding} AND t.deleted = 0 AND {inner}"
+            ));
         }
-        Compiled::Condition(format!(
-            "{alias}.rid IN (SELECT ref.rid FROM idx_reference ref
-                JOIN resources t ON t.type = ref.target_type AND t.id = ref.target_id AND t.deleted = 0
-                WHERE ref.param = {key} AND ({}))",
-            branches.join(" OR ")
-        ))
+        Compiled::Condition(format!("{alias}.rid IN ({})", branches.join(" UNION ALL ")))
     }
 
     fn sort_key(&mut self, name: &str) -> Option<SortKey> {
@@ -578,7 +590,12 @@ impl Parser<'_> {
                     ParamType::Number | ParamType::Quantity => ("value", "idx_number"),
                 };
                 let key = self.binder.bind(index::key(self.resource_type, name));
-                format!("(SELECT {aggregate}({column}) FROM {table} s WHERE s.rid = r.rid AND s.param = {key})")
+                // INDEXED BY: without it SQLite's min/max optimisation walks the whole
+                // (param, value) index for every row.
+                format!(
+                    "(SELECT {aggregate}({column}) FROM {table} s INDEXED BY {table}_by_resource
+                      WHERE s.rid = r.rid AND s.param = {key})"
+                )
             }
         };
         Some(SortKey { expression, descending })
@@ -688,15 +705,21 @@ pub fn parse(resource_type: &str, params: &[(String, String)], handling: Handlin
                 query.elements.get_or_insert_with(Vec::new).extend(elements);
             }
             "_sort" => {
+                // Only the keys that are used go to the self link.
+                let mut valid = Vec::new();
                 for key in value.split(',').map(str::trim).filter(|key| !key.is_empty()) {
                     match parser.sort_key(key) {
-                        Some(sort) => query.sort.push(sort),
-                        None => {
-                            parser.unsupported(format!("_sort: unknown parameter `{key}` for {resource_type}"));
-                            used = false;
+                        Some(sort) => {
+                            query.sort.push(sort);
+                            valid.push(key);
                         }
+                        None => parser.unsupported(format!("_sort: unknown parameter `{key}` for {resource_type}")),
                     }
                 }
+                if !valid.is_empty() {
+                    query.canonical.push((name.to_string(), valid.join(",")));
+                }
+                used = false;
             }
             _ if name.starts_with("_include") || name.starts_with("_revinclude") => {
                 let reverse = name.starts_with("_revinclude");
@@ -927,8 +950,37 @@ fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> R
     };
     let page_rids: Vec<i64> = rows.iter().map(|(_, rid, _)| *rid).collect();
     let matches: Vec<StoredResource> = rows.into_iter().map(|(resource, ..)| resource).collect();
-    let included = includes(connection, query, &matches, &page_rids)?;
+    let mut included = includes(connection, query, &matches, &page_rids)?;
+    if let Some(patient) = &query.compartment {
+        // Patient-level access: never include another patient or their data.
+        let mut kept = Vec::with_capacity(included.len());
+        for resource in included {
+            if patient_visible(connection, &resource, patient)? {
+                kept.push(resource);
+            }
+        }
+        included = kept;
+    }
     Ok(Page { total, matches, included, next })
+}
+
+/// For patient-level access: the patient itself, anything in its compartment, and anything
+/// that references no patient at all (practitioners, organizations, locations...).
+fn patient_visible(connection: &Connection, resource: &StoredResource, patient_id: &str) -> Result<bool, StoreError> {
+    if resource.resource_type == "Patient" {
+        return Ok(resource.id == patient_id);
+    }
+    if in_compartment(connection, &resource.resource_type, &resource.id, patient_id)? {
+        return Ok(true);
+    }
+    let other_patient = connection
+        .prepare_cached(
+            "SELECT 1 FROM resources r JOIN idx_reference ref ON ref.rid = r.rid
+             WHERE r.type = ?1 AND r.id = ?2 AND ref.target_type = 'Patient' LIMIT 1",
+        )?
+        .query_row(rusqlite::params![resource.resource_type, resource.id], |_| Ok(()))
+        .optional()?;
+    Ok(other_patient.is_none())
 }
 
 /// `_include` and `_revinclude` for a page: every current resource the page references
@@ -1013,7 +1065,8 @@ fn includes(
 /// (anything that references it through a reference search parameter), `count` per page;
 /// `page` is the opaque token from a previous page's `next`.
 ///
-/// `next` is `_count={count}&_page={token}`; pass the `_page` value back as `page`.
+/// `next` is `_count={count}&_page={token}`; pass the `_page` value back as `page`. A
+/// `page` that is not such a token is [`StoreError::Malformed`].
 pub fn everything(
     connection: &Connection,
     patient_id: &str,
@@ -1430,6 +1483,8 @@ mod tests {
 
     #[test]
     fn strict_and_lenient_unknown_parameters() {
+        let partial = parse("Patient", &pairs("_sort=family,nope,-_id"), Handling::Lenient).unwrap();
+        assert_eq!((partial.self_link().as_str(), partial.warnings.len()), ("_sort=family,-_id", 1));
         let lenient =
             parse("Patient", &pairs("bogus=1&family:fuzzy=x&_include=Nope:x&_sort=nope"), Handling::Lenient).unwrap();
         assert_eq!(lenient.warnings.len(), 4, "{:?}", lenient.warnings);
@@ -1480,6 +1535,18 @@ mod tests {
         assert!(in_compartment(&fixture.connection, "Patient", "p1", "p1").unwrap());
         assert!(!in_compartment(&fixture.connection, "Observation", "o2", "p1").unwrap());
         assert!(!in_compartment(&fixture.connection, "Location", "l1", "p1").unwrap());
+
+        // Includes never reach another patient's data.
+        let mut query =
+            fixture.query("Observation", "_include=Observation:subject&_include=Observation:encounter").unwrap();
+        query.compartment = Some("p2".into());
+        let page = execute(&fixture.connection, &query).unwrap();
+        let included: Vec<String> = page.included.iter().map(|r| r.id.clone()).collect();
+        assert_eq!((page.matches.len(), included), (1, vec!["p2".to_string()]));
+        let mut query = fixture.query("Encounter", "_include=Encounter:location").unwrap();
+        query.compartment = Some("p1".into());
+        let page = execute(&fixture.connection, &query).unwrap();
+        assert_eq!(page.included.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["l1"]);
     }
 
     #[test]
