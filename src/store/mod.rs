@@ -17,14 +17,19 @@
 //! - **Reads** go through a small pool of read-only connections ([`Store::read`]); with WAL
 //!   they never wait for the writer.
 
+pub mod fhirpath;
+pub mod index;
 pub mod params;
 pub mod search;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::Connection;
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::Value;
 use tokio::sync::Semaphore;
+
+use index::Row;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +52,54 @@ pub enum StoreError {
 }
 
 /// Schema of the resource store and its search indexes (migration 2 in [`crate::db`]).
-pub const SCHEMA: &str = "";
+///
+/// `resources.rid` is the internal row id: stable for the life of a resource (updates,
+/// deletions and re-creations keep it), it keys every index row and is the final sort key
+/// of searches, so paging is stable. Index tables name parameters by qualified key
+/// (`Observation.code`), so one `(param, value)` index serves every type.
+pub const SCHEMA: &str = "CREATE TABLE resources (
+        rid INTEGER PRIMARY KEY,
+        type TEXT NOT NULL,
+        id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        last_updated_us INTEGER NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        content_hash BLOB NOT NULL,
+        body TEXT NOT NULL,
+        UNIQUE (type, id)
+    );
+    CREATE INDEX resources_by_type ON resources (type, deleted, rid);
+    CREATE INDEX resources_by_time ON resources (type, last_updated_us);
+    CREATE TABLE resource_versions (
+        seq INTEGER PRIMARY KEY,
+        type TEXT NOT NULL,
+        id TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        last_updated_us INTEGER NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        message_id INTEGER,
+        body TEXT NOT NULL,
+        UNIQUE (type, id, version)
+    );
+    CREATE INDEX resource_versions_by_time ON resource_versions (last_updated_us, seq);
+    CREATE INDEX resource_versions_by_type_time ON resource_versions (type, last_updated_us, seq);
+    CREATE TABLE idx_string (rid INTEGER NOT NULL, param TEXT NOT NULL, norm TEXT NOT NULL, exact TEXT NOT NULL);
+    CREATE INDEX idx_string_by_value ON idx_string (param, norm);
+    CREATE INDEX idx_string_by_resource ON idx_string (rid, param);
+    CREATE TABLE idx_token (rid INTEGER NOT NULL, param TEXT NOT NULL, system TEXT, code TEXT, text TEXT);
+    CREATE INDEX idx_token_by_value ON idx_token (param, code, system);
+    CREATE INDEX idx_token_by_system ON idx_token (param, system);
+    CREATE INDEX idx_token_by_resource ON idx_token (rid, param);
+    CREATE TABLE idx_date (rid INTEGER NOT NULL, param TEXT NOT NULL, low INTEGER NOT NULL, high INTEGER NOT NULL);
+    CREATE INDEX idx_date_by_low ON idx_date (param, low);
+    CREATE INDEX idx_date_by_high ON idx_date (param, high);
+    CREATE INDEX idx_date_by_resource ON idx_date (rid, param);
+    CREATE TABLE idx_reference (rid INTEGER NOT NULL, param TEXT NOT NULL, target_type TEXT NOT NULL, target_id TEXT NOT NULL);
+    CREATE INDEX idx_reference_by_target ON idx_reference (target_id, target_type, param);
+    CREATE INDEX idx_reference_by_resource ON idx_reference (rid, param);
+    CREATE TABLE idx_number (rid INTEGER NOT NULL, param TEXT NOT NULL, value REAL NOT NULL, system TEXT, code TEXT);
+    CREATE INDEX idx_number_by_value ON idx_number (param, value);
+    CREATE INDEX idx_number_by_resource ON idx_number (rid, param);";
 
 /// One version of a resource as stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -97,8 +149,174 @@ pub fn put(
     now_us: i64,
     message_id: Option<i64>,
 ) -> Result<PutOutcome, StoreError> {
-    let _ = (transaction, resource, now_us, message_id);
-    unimplemented!("store::put")
+    let object = resource.as_object().ok_or_else(|| StoreError::Malformed("not a JSON object".into()))?;
+    let resource_type = object
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .filter(|kind| !kind.is_empty())
+        .ok_or_else(|| StoreError::Malformed("no resourceType".into()))?;
+    let id = object
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| StoreError::Malformed(format!("{resource_type} without id")))?;
+    let hash = content_hash(resource);
+
+    let current: Option<(i64, i64, bool, Vec<u8>, String)> = transaction
+        .prepare_cached("SELECT rid, version, deleted, content_hash, body FROM resources WHERE type = ?1 AND id = ?2")?
+        .query_row(params![resource_type, id], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)? != 0, row.get(3)?, row.get(4)?))
+        })
+        .optional()?;
+    if let Some((_, version, false, stored_hash, body)) = &current {
+        if *stored_hash == hash || same_content(body, resource) {
+            return Ok(PutOutcome::Unchanged { version: *version });
+        }
+    }
+    let version = current.as_ref().map_or(1, |current| current.1 + 1);
+
+    let mut stored = resource.clone();
+    if let Some(object) = stored.as_object_mut() {
+        let meta = object.entry("meta").or_insert_with(|| Value::Object(Default::default()));
+        if !meta.is_object() {
+            *meta = Value::Object(Default::default());
+        }
+        if let Some(meta) = meta.as_object_mut() {
+            meta.insert("versionId".into(), Value::String(version.to_string()));
+            meta.insert("lastUpdated".into(), Value::String(index::format_instant(now_us)));
+        }
+    }
+    let body = serde_json::to_string(&stored).map_err(|error| StoreError::Malformed(error.to_string()))?;
+
+    let rid = match &current {
+        Some((rid, ..)) => {
+            transaction
+                .prepare_cached(
+                    "UPDATE resources SET version = ?2, last_updated_us = ?3, deleted = 0, content_hash = ?4, body = ?5
+                     WHERE rid = ?1",
+                )?
+                .execute(params![rid, version, now_us, hash, body])?;
+            *rid
+        }
+        None => {
+            transaction
+                .prepare_cached(
+                    "INSERT INTO resources (type, id, version, last_updated_us, deleted, content_hash, body)
+                     VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6)",
+                )?
+                .execute(params![resource_type, id, version, now_us, hash, body])?;
+            transaction.last_insert_rowid()
+        }
+    };
+    insert_version(transaction, resource_type, id, version, now_us, false, message_id, &body)?;
+    remove_index_rows(transaction, rid)?;
+    write_index_rows(transaction, rid, &stored)?;
+    Ok(match current {
+        Some((_, _, false, ..)) => PutOutcome::Updated { version },
+        _ => PutOutcome::Created { version },
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn insert_version(
+    transaction: &rusqlite::Transaction<'_>,
+    resource_type: &str,
+    id: &str,
+    version: i64,
+    now_us: i64,
+    deleted: bool,
+    message_id: Option<i64>,
+    body: &str,
+) -> Result<(), StoreError> {
+    transaction
+        .prepare_cached(
+            "INSERT INTO resource_versions (type, id, version, last_updated_us, deleted, message_id, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![resource_type, id, version, now_us, deleted, message_id, body])?;
+    Ok(())
+}
+
+/// The resource without `meta`, for content comparison.
+fn without_meta(resource: &Value) -> Value {
+    let mut copy = resource.clone();
+    if let Some(object) = copy.as_object_mut() {
+        object.shift_remove("meta");
+    }
+    copy
+}
+
+/// SHA-256 of the resource's JSON without `meta`: equal content written the same way
+/// hashes equal, so reprocessing a message is detected without parsing the stored body.
+fn content_hash(resource: &Value) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let text = serde_json::to_string(&without_meta(resource)).unwrap_or_default();
+    Sha256::digest(text.as_bytes()).to_vec()
+}
+
+/// True when the stored body has the same content as `resource` (ignoring `meta` and key
+/// order).
+fn same_content(body: &str, resource: &Value) -> bool {
+    serde_json::from_str::<Value>(body).is_ok_and(|stored| without_meta(&stored) == without_meta(resource))
+}
+
+fn remove_index_rows(transaction: &rusqlite::Transaction<'_>, rid: i64) -> Result<(), StoreError> {
+    for sql in [
+        "DELETE FROM idx_string WHERE rid = ?1",
+        "DELETE FROM idx_token WHERE rid = ?1",
+        "DELETE FROM idx_date WHERE rid = ?1",
+        "DELETE FROM idx_reference WHERE rid = ?1",
+        "DELETE FROM idx_number WHERE rid = ?1",
+    ] {
+        transaction.prepare_cached(sql)?.execute([rid])?;
+    }
+    Ok(())
+}
+
+fn write_index_rows(transaction: &rusqlite::Transaction<'_>, rid: i64, resource: &Value) -> Result<(), StoreError> {
+    for row in index::extract(resource) {
+        match row {
+            Row::String { key, norm, exact } => transaction
+                .prepare_cached("INSERT INTO idx_string (rid, param, norm, exact) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![rid, key, norm, exact])?,
+            Row::Token { key, system, code, text } => transaction
+                .prepare_cached("INSERT INTO idx_token (rid, param, system, code, text) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![rid, key, system, code, text])?,
+            Row::Date { key, low, high } => transaction
+                .prepare_cached("INSERT INTO idx_date (rid, param, low, high) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![rid, key, low, high])?,
+            Row::Reference { key, target_type, target_id } => transaction
+                .prepare_cached(
+                    "INSERT INTO idx_reference (rid, param, target_type, target_id) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![rid, key, target_type, target_id])?,
+            Row::Number { key, value, system, code } => transaction
+                .prepare_cached("INSERT INTO idx_number (rid, param, value, system, code) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![rid, key, value, system, code])?,
+        };
+    }
+    Ok(())
+}
+
+/// Rebuilds the index rows of every current resource, after the search parameter
+/// definitions changed. Returns how many resources were indexed.
+pub fn reindex(transaction: &rusqlite::Transaction<'_>) -> Result<u64, StoreError> {
+    for table in ["idx_string", "idx_token", "idx_date", "idx_reference", "idx_number"] {
+        transaction.execute(&format!("DELETE FROM {table}"), [])?;
+    }
+    let mut statement = transaction.prepare("SELECT rid, type, id, body FROM resources WHERE deleted = 0")?;
+    let mut rows = statement.query([])?;
+    let mut count = 0;
+    while let Some(row) = rows.next()? {
+        let rid: i64 = row.get(0)?;
+        let name = format!("{}/{}", row.get::<_, String>(1)?, row.get::<_, String>(2)?);
+        let body: String = row.get(3)?;
+        let resource: Value =
+            serde_json::from_str(&body).map_err(|error| StoreError::Damaged(name, error.to_string()))?;
+        write_index_rows(transaction, rid, &resource)?;
+        count += 1;
+    }
+    Ok(count)
 }
 
 /// Records a deletion of `Type/id` as a new version (no body) and removes its index rows.
@@ -111,14 +329,42 @@ pub fn delete(
     now_us: i64,
     message_id: Option<i64>,
 ) -> Result<Option<i64>, StoreError> {
-    let _ = (transaction, resource_type, id, now_us, message_id);
-    unimplemented!("store::delete")
+    let current: Option<(i64, i64)> = transaction
+        .prepare_cached("SELECT rid, version FROM resources WHERE type = ?1 AND id = ?2 AND deleted = 0")?
+        .query_row(params![resource_type, id], |row| Ok((row.get(0)?, row.get(1)?)))
+        .optional()?;
+    let Some((rid, version)) = current else { return Ok(None) };
+    let version = version + 1;
+    transaction
+        .prepare_cached(
+            "UPDATE resources SET version = ?2, last_updated_us = ?3, deleted = 1, content_hash = x'', body = ''
+             WHERE rid = ?1",
+        )?
+        .execute(params![rid, version, now_us])?;
+    insert_version(transaction, resource_type, id, version, now_us, true, message_id, "")?;
+    remove_index_rows(transaction, rid)?;
+    Ok(Some(version))
+}
+
+pub(crate) fn stored_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredResource> {
+    Ok(StoredResource {
+        resource_type: row.get(0)?,
+        id: row.get(1)?,
+        version: row.get(2)?,
+        last_updated_us: row.get(3)?,
+        deleted: row.get::<_, i64>(4)? != 0,
+        body: row.get(5)?,
+    })
 }
 
 /// The current version of `Type/id` (possibly a deletion), or `None` if never stored.
 pub fn read(connection: &Connection, resource_type: &str, id: &str) -> Result<Option<StoredResource>, StoreError> {
-    let _ = (connection, resource_type, id);
-    unimplemented!("store::read")
+    Ok(connection
+        .prepare_cached(
+            "SELECT type, id, version, last_updated_us, deleted, body FROM resources WHERE type = ?1 AND id = ?2",
+        )?
+        .query_row(params![resource_type, id], stored_from_row)
+        .optional()?)
 }
 
 /// Version `version` of `Type/id`, or `None`.
@@ -128,10 +374,14 @@ pub fn vread(
     id: &str,
     version: i64,
 ) -> Result<Option<StoredResource>, StoreError> {
-    let _ = (connection, resource_type, id, version);
-    unimplemented!("store::vread")
+    Ok(connection
+        .prepare_cached(
+            "SELECT type, id, version, last_updated_us, deleted, body FROM resource_versions
+             WHERE type = ?1 AND id = ?2 AND version = ?3",
+        )?
+        .query_row(params![resource_type, id, version], stored_from_row)
+        .optional()?)
 }
-
 /// Which versions a history request asks for.
 #[derive(Clone, Debug, Default)]
 pub struct HistoryQuery {
@@ -160,14 +410,56 @@ pub struct HistoryPage {
 
 /// Versions matching `query`, newest first.
 pub fn history(connection: &Connection, query: &HistoryQuery) -> Result<HistoryPage, StoreError> {
-    let _ = (connection, query);
-    unimplemented!("store::history")
+    let mut conditions = Vec::new();
+    let mut values: Vec<rusqlite::types::Value> = Vec::new();
+    if let Some(resource_type) = &query.resource_type {
+        values.push(resource_type.clone().into());
+        conditions.push(format!("type = ?{}", values.len()));
+        if let Some(id) = &query.id {
+            values.push(id.clone().into());
+            conditions.push(format!("id = ?{}", values.len()));
+        }
+    }
+    if let Some(since) = query.since_us {
+        values.push(since.into());
+        conditions.push(format!("last_updated_us >= ?{}", values.len()));
+    }
+    if let Some(before) = query.before_us {
+        values.push(before.into());
+        conditions.push(format!("last_updated_us < ?{}", values.len()));
+    }
+    let filter = if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+    let total: i64 = connection
+        .prepare_cached(&format!("SELECT COUNT(*) FROM resource_versions {filter}"))?
+        .query_row(rusqlite::params_from_iter(values.iter()), |row| row.get(0))?;
+    let limit = i64::try_from(query.count).unwrap_or(i64::MAX);
+    let offset = i64::try_from(query.offset).unwrap_or(i64::MAX);
+    let sql = format!(
+        "SELECT type, id, version, last_updated_us, deleted, body FROM resource_versions {filter}
+         ORDER BY last_updated_us DESC, seq DESC LIMIT {limit} OFFSET {offset}"
+    );
+    let mut statement = connection.prepare_cached(&sql)?;
+    let versions = statement
+        .query_map(rusqlite::params_from_iter(values.iter()), stored_from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(HistoryPage { total: u64::try_from(total).unwrap_or(0), versions })
 }
 
 /// Resource types that have at least one stored resource (current, not deleted).
 pub fn stored_types(connection: &Connection) -> Result<Vec<String>, StoreError> {
-    let _ = connection;
-    unimplemented!("store::stored_types")
+    // Walks the distinct types through the (type, deleted, rid) index: one seek per type.
+    let mut types = Vec::new();
+    let mut after = String::new();
+    let mut next = connection.prepare_cached("SELECT type FROM resources WHERE type > ?1 ORDER BY type LIMIT 1")?;
+    let mut live =
+        connection.prepare_cached("SELECT EXISTS (SELECT 1 FROM resources WHERE type = ?1 AND deleted = 0)")?;
+    while let Some(kind) = next.query_row([&after], |row| row.get::<_, String>(0)).optional()? {
+        if live.query_row([&kind], |row| row.get::<_, bool>(0))? {
+            types.push(kind.clone());
+        }
+        after = kind;
+    }
+    Ok(types)
 }
 
 /// A bounded pool of read-only connections to the database, used from async code.
@@ -224,5 +516,141 @@ impl Store {
         .map_err(|_| StoreError::Closed)?;
         drop(permit);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn open() -> (tempfile::TempDir, Connection) {
+        let directory = tempfile::tempdir().unwrap();
+        let connection = crate::db::open(&directory.path().join("gateway.db")).unwrap();
+        (directory, connection)
+    }
+
+    fn put_one(connection: &mut Connection, resource: Value, now_us: i64) -> PutOutcome {
+        let transaction = connection.transaction().unwrap();
+        let outcome = put(&transaction, &resource, now_us, Some(7)).unwrap();
+        transaction.commit().unwrap();
+        outcome
+    }
+
+    fn count(connection: &Connection, table: &str) -> i64 {
+        connection.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| row.get(0)).unwrap()
+    }
+
+    #[test]
+    fn put_read_vread_unchanged_update_delete() {
+        let (_directory, mut connection) = open();
+        let patient =
+            json!({"resourceType": "Patient", "id": "p1", "meta": {"source": "lab"}, "name": [{"family": "Smith"}]});
+        assert_eq!(put_one(&mut connection, patient.clone(), 1_000_000), PutOutcome::Created { version: 1 });
+        let stored = read(&connection, "Patient", "p1").unwrap().unwrap();
+        assert_eq!((stored.version, stored.last_updated_us, stored.deleted), (1, 1_000_000, false));
+        let body: Value = serde_json::from_str(&stored.body).unwrap();
+        assert_eq!(
+            body["meta"],
+            json!({"source": "lab", "versionId": "1", "lastUpdated": "1970-01-01T00:00:01.000000Z"})
+        );
+        assert_eq!(body["name"], patient["name"]);
+
+        // Same content, different meta and key order: unchanged, nothing written.
+        let same =
+            json!({"name": [{"family": "Smith"}], "id": "p1", "resourceType": "Patient", "meta": {"versionId": "9"}});
+        assert_eq!(put_one(&mut connection, same, 2_000_000), PutOutcome::Unchanged { version: 1 });
+        assert_eq!(count(&connection, "resource_versions"), 1);
+
+        let changed = json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Jones"}]});
+        assert_eq!(put_one(&mut connection, changed, 3_000_000), PutOutcome::Updated { version: 2 });
+        assert_eq!(read(&connection, "Patient", "p1").unwrap().unwrap().version, 2);
+        let first = vread(&connection, "Patient", "p1", 1).unwrap().unwrap();
+        assert!(first.body.contains("Smith"));
+        assert!(vread(&connection, "Patient", "p1", 3).unwrap().is_none());
+        // Index rows were rebuilt: only the new family name.
+        let families: Vec<String> = connection
+            .prepare("SELECT norm FROM idx_string WHERE param = 'Patient.family'")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(families, vec!["jones"]);
+
+        let transaction = connection.transaction().unwrap();
+        assert_eq!(delete(&transaction, "Patient", "p1", 4_000_000, None).unwrap(), Some(3));
+        assert_eq!(delete(&transaction, "Patient", "p1", 4_000_000, None).unwrap(), None);
+        assert_eq!(delete(&transaction, "Patient", "nope", 4_000_000, None).unwrap(), None);
+        transaction.commit().unwrap();
+        let deleted = read(&connection, "Patient", "p1").unwrap().unwrap();
+        assert!(deleted.deleted && deleted.body.is_empty() && deleted.version == 3);
+        assert_eq!(count(&connection, "idx_string"), 0);
+        assert!(stored_types(&connection).unwrap().is_empty());
+
+        let again = json!({"resourceType": "Patient", "id": "p1", "name": [{"family": "Jones"}]});
+        assert_eq!(put_one(&mut connection, again, 5_000_000), PutOutcome::Created { version: 4 });
+        assert_eq!(stored_types(&connection).unwrap(), vec!["Patient"]);
+        assert!(read(&connection, "Patient", "p2").unwrap().is_none());
+        let message: Option<i64> = connection
+            .query_row("SELECT message_id FROM resource_versions WHERE version = 4", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(message, Some(7));
+    }
+
+    #[test]
+    fn malformed_resources_are_refused() {
+        let (_directory, mut connection) = open();
+        let transaction = connection.transaction().unwrap();
+        for bad in [
+            json!([]),
+            json!({"id": "x"}),
+            json!({"resourceType": "Patient"}),
+            json!({"resourceType": "Patient", "id": ""}),
+        ] {
+            assert!(matches!(put(&transaction, &bad, 1, None), Err(StoreError::Malformed(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn history_levels_and_paging() {
+        let (_directory, mut connection) = open();
+        put_one(&mut connection, json!({"resourceType": "Patient", "id": "a", "gender": "male"}), 10);
+        put_one(&mut connection, json!({"resourceType": "Patient", "id": "b"}), 20);
+        put_one(&mut connection, json!({"resourceType": "Observation", "id": "o", "status": "final"}), 30);
+        put_one(&mut connection, json!({"resourceType": "Patient", "id": "a", "gender": "female"}), 40);
+        let query = |resource_type: Option<&str>, id: Option<&str>| HistoryQuery {
+            resource_type: resource_type.map(String::from),
+            id: id.map(String::from),
+            count: 10,
+            ..HistoryQuery::default()
+        };
+        let all = history(&connection, &query(None, None)).unwrap();
+        assert_eq!(all.total, 4);
+        let order: Vec<(String, i64)> = all.versions.iter().map(|v| (v.id.clone(), v.version)).collect();
+        assert_eq!(order, vec![("a".into(), 2), ("o".into(), 1), ("b".into(), 1), ("a".into(), 1)]);
+        assert_eq!(history(&connection, &query(Some("Patient"), None)).unwrap().total, 3);
+        let instance = history(&connection, &query(Some("Patient"), Some("a"))).unwrap();
+        assert_eq!(instance.versions.iter().map(|v| v.version).collect::<Vec<_>>(), vec![2, 1]);
+        let window = HistoryQuery { since_us: Some(20), before_us: Some(40), ..query(None, None) };
+        assert_eq!(
+            history(&connection, &window).unwrap().versions.iter().map(|v| v.id.as_str()).collect::<Vec<_>>(),
+            vec!["o", "b"]
+        );
+        let paged = HistoryQuery { count: 1, offset: 1, ..query(None, None) };
+        let page = history(&connection, &paged).unwrap();
+        assert_eq!((page.total, page.versions.len(), page.versions[0].id.as_str()), (4, 1, "o"));
+        assert_eq!(stored_types(&connection).unwrap(), vec!["Observation", "Patient"]);
+    }
+
+    #[test]
+    fn reindex_rebuilds_rows() {
+        let (_directory, mut connection) = open();
+        put_one(&mut connection, json!({"resourceType": "Patient", "id": "a", "name": [{"family": "X"}]}), 10);
+        let before = count(&connection, "idx_string");
+        let transaction = connection.transaction().unwrap();
+        assert_eq!(reindex(&transaction).unwrap(), 1);
+        transaction.commit().unwrap();
+        assert_eq!(count(&connection, "idx_string"), before);
     }
 }
