@@ -234,7 +234,7 @@ impl Worker {
         let engine = self.engine.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         let outcomes = convert_all(&engine, &claimed);
         let now_us = telemetry::now_us();
-        let transaction = self.connection.transaction()?;
+        let transaction = self.connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut counts = Vec::with_capacity(claimed.len());
         for (message, outcome) in claimed.iter().zip(&outcomes) {
             counts.push(apply(&transaction, message, outcome, now_us, self.outbox.as_ref())?);

@@ -164,6 +164,15 @@ pub fn pick(
     Ok(batches)
 }
 
+/// Runs `work` in one IMMEDIATE transaction (takes the write lock up front, so the busy
+/// timeout applies instead of a failed lock upgrade, and one fsync covers every row).
+fn write<T>(connection: &Connection, work: impl FnOnce(&Connection) -> Result<T, Error>) -> Result<T, Error> {
+    let transaction = rusqlite::Transaction::new_unchecked(connection, rusqlite::TransactionBehavior::Immediate)?;
+    let result = work(&transaction)?;
+    transaction.commit()?;
+    Ok(result)
+}
+
 fn clip(text: &str) -> &str {
     if text.len() <= MAX_KEPT_RESPONSE_BYTES {
         return text;
@@ -183,14 +192,16 @@ pub fn mark_delivered(
     response: &str,
     now_us: i64,
 ) -> Result<(), Error> {
-    let mut statement = connection.prepare_cached(
-        "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, last_status = ?2, response = ?3,
+    write(connection, |connection| {
+        let mut statement = connection.prepare_cached(
+            "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, last_status = ?2, response = ?3,
             last_error = NULL, delivered_at_us = ?4 WHERE id = ?1 AND status = 'pending'",
-    )?;
-    for id in ids {
-        statement.execute(params![id, status_code, clip(response), now_us])?;
-    }
-    Ok(())
+        )?;
+        for id in ids {
+            statement.execute(params![id, status_code, clip(response), now_us])?;
+        }
+        Ok(())
+    })
 }
 
 /// Schedules another attempt of rows at `next_attempt_at_us`.
@@ -201,14 +212,16 @@ pub fn mark_retry(
     error: &str,
     next_attempt_at_us: i64,
 ) -> Result<(), Error> {
-    let mut statement = connection.prepare_cached(
-        "UPDATE outbox SET attempts = attempts + 1, last_status = ?2, last_error = ?3, next_attempt_at_us = ?4
+    write(connection, |connection| {
+        let mut statement = connection.prepare_cached(
+            "UPDATE outbox SET attempts = attempts + 1, last_status = ?2, last_error = ?3, next_attempt_at_us = ?4
          WHERE id = ?1 AND status = 'pending'",
-    )?;
-    for id in ids {
-        statement.execute(params![id, status_code, error, next_attempt_at_us])?;
-    }
-    Ok(())
+        )?;
+        for id in ids {
+            statement.execute(params![id, status_code, error, next_attempt_at_us])?;
+        }
+        Ok(())
+    })
 }
 
 /// Dead-letters rows, keeping the aggregator's answer.
@@ -219,14 +232,16 @@ pub fn mark_dead(
     error: &str,
     response: &str,
 ) -> Result<(), Error> {
-    let mut statement = connection.prepare_cached(
+    write(connection, |connection| {
+        let mut statement = connection.prepare_cached(
         "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = ?2, last_error = ?3, response = ?4
          WHERE id = ?1 AND status = 'pending'",
     )?;
-    for id in ids {
-        statement.execute(params![id, status_code, error, clip(response)])?;
-    }
-    Ok(())
+        for id in ids {
+            statement.execute(params![id, status_code, error, clip(response)])?;
+        }
+        Ok(())
+    })
 }
 
 /// Which rows [`requeue`] makes pending again.
