@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::setting::Invalid;
-use crate::{auth, http, mapping, mllp};
+use crate::{auth, http, mapping, mllp, outbox};
 
 /// The only configuration format version this build reads.
 pub const VERSION: u32 = 1;
@@ -44,6 +44,9 @@ pub struct Config {
     /// `http.listen` is a loopback address.
     #[serde(default)]
     pub auth: Option<auth::Config>,
+    /// Push of transaction Bundles to a central FHIR server; absent = no push.
+    #[serde(default)]
+    pub aggregator: Option<outbox::Config>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -59,6 +62,7 @@ impl Default for Config {
             http: http::Config::default(),
             mappings: mapping::Config::default(),
             auth: None,
+            aggregator: None,
         }
     }
 }
@@ -76,6 +80,8 @@ pub struct Settings {
     pub mappings: mapping::Sources,
     /// Token verification; `None` = open API (loopback only).
     pub auth: Option<auth::Settings>,
+    /// Aggregator push; `None` = no push.
+    pub aggregator: Option<outbox::Settings>,
 }
 
 /// Why a configuration could not be loaded.
@@ -239,6 +245,7 @@ impl Config {
             http,
             mappings: self.mappings.validate()?,
             auth,
+            aggregator: self.aggregator.as_ref().map(outbox::Config::validate).transpose()?,
         })
     }
 }
@@ -317,6 +324,15 @@ mod tests {
         assert_eq!(config.mllp.max_connections, 7);
         assert_eq!(config.mllp.listen, "127.0.0.1:4000");
         assert_eq!(config.data_dir, PathBuf::from("/var/lib/hl7gw"));
+    }
+
+    #[test]
+    fn the_aggregator_endpoint_can_come_from_the_environment() {
+        let environment =
+            vec![("HL7GW_AGGREGATOR__ENDPOINT".to_string(), "https://central.example.org/fhir".to_string())];
+        let settings = load(None, environment, &Overrides::default()).unwrap().validate().unwrap();
+        assert_eq!(settings.aggregator.unwrap().endpoint.as_str(), "https://central.example.org/fhir");
+        assert!(load(None, no_environment(), &Overrides::default()).unwrap().validate().unwrap().aggregator.is_none());
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE messages ADD COLUMN processed_at_us INTEGER;
     ALTER TABLE messages ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE messages ADD COLUMN report TEXT;",
+    // 4: the aggregator outbox.
+    crate::outbox::SCHEMA,
 ];
 
 /// Opens (creating if needed) the database at `path` with WAL and full fsync, and applies

@@ -82,6 +82,13 @@ impl Config {
 pub trait Readiness: Send + Sync {
     /// `Ok` when ready, otherwise the reason.
     fn check(&self) -> Result<(), String>;
+
+    /// When ready but something needs attention (e.g. the aggregator push is behind):
+    /// the reason. `/health/ready` then answers 200 with `"status": "degraded"`, so that
+    /// orchestrators keep routing messages (ingest is unaffected) while monitors alert.
+    fn degraded(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Shared state of the operator endpoints.
@@ -108,7 +115,10 @@ async fn live() -> Json<serde_json::Value> {
 
 async fn ready(State(state): State<AppState>) -> Response {
     match state.readiness.check() {
-        Ok(()) => Json(json!({ "status": "ready" })).into_response(),
+        Ok(()) => match state.readiness.degraded() {
+            None => Json(json!({ "status": "ready" })).into_response(),
+            Some(reason) => Json(json!({ "status": "degraded", "reason": reason })).into_response(),
+        },
         Err(reason) => {
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not_ready", "reason": reason }))).into_response()
         }

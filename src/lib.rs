@@ -17,6 +17,7 @@
 //! - [`mapping`]: the declarative v2 → FHIR R4 mapping engine. Pure, imports `hl7` and `fhir`.
 //! - [`fhir`]: deterministic ids, R4 validation. A leaf.
 //! - [`pipeline`]: journal → decode → map → store, one transaction per batch; requeue.
+//! - [`outbox`]: durable queue of transaction Bundles and the aggregator push worker.
 //! - [`store`]: resource versions, history, search parameters as data, search.
 //! - [`api`]: the FHIR R4 REST API and the operator API (axum).
 //! - [`auth`]: JWT bearer tokens, JWKS, SMART scopes.
@@ -38,6 +39,7 @@ pub mod http;
 pub mod journal;
 pub mod mapping;
 pub mod mllp;
+pub mod outbox;
 pub mod pipeline;
 pub mod server;
 pub mod setting;

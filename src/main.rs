@@ -38,6 +38,45 @@ enum Command {
     Messages(MessagesArgs),
     /// Make a running gateway recompile its mapping files and use them from now on.
     ReloadMappings(AdminArgs),
+    /// Inspect the aggregator outbox of a running gateway and requeue dead letters.
+    Outbox(OutboxArgs),
+}
+
+#[derive(Args)]
+struct OutboxArgs {
+    #[command(flatten)]
+    admin: AdminArgs,
+    #[command(subcommand)]
+    action: OutboxAction,
+}
+
+#[derive(Subcommand)]
+enum OutboxAction {
+    /// List outbox rows, newest first: id, message, partition hash, status, attempts, last status, error.
+    List {
+        /// Only rows with this status: pending, delivered, dead.
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Counts per status and the age of the oldest undelivered Bundle.
+    Stats,
+    /// One row as JSON: Bundle, last error, the aggregator's answer.
+    Show {
+        /// Outbox id (first column of `outbox list`).
+        id: i64,
+    },
+    /// Deliver rows again (after the cause of a refusal was fixed).
+    Requeue {
+        /// Outbox ids to requeue.
+        #[arg(required_unless_present = "dead", conflicts_with = "dead")]
+        ids: Vec<i64>,
+        /// Requeue every dead row.
+        #[arg(long)]
+        dead: bool,
+    },
 }
 
 #[derive(Args)]
@@ -192,6 +231,7 @@ fn main() -> ExitCode {
             Command::CheckMappings(args) => check_mappings(args),
             Command::Messages(args) => messages(args).await,
             Command::ReloadMappings(args) => reload_mappings(args).await,
+            Command::Outbox(args) => outbox(args).await,
         }
     });
     match result {
@@ -271,6 +311,47 @@ async fn messages(args: MessagesArgs) -> anyhow::Result<ExitCode> {
                 let mut problems = 0;
                 for id in ids {
                     match client.post(&format!("/admin/messages/{id}/reprocess")).await {
+                        Ok(_) => println!("{id} requeued"),
+                        Err(error) => {
+                            problems += 1;
+                            eprintln!("{id}: {error:#}");
+                        }
+                    }
+                }
+                if problems > 0 {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn outbox(args: OutboxArgs) -> anyhow::Result<ExitCode> {
+    let client = admin_client(&args.admin)?;
+    match args.action {
+        OutboxAction::List { status, limit } => {
+            let mut query = vec![("limit".to_string(), limit.to_string())];
+            if let Some(status) = status {
+                query.push(("status".to_string(), status));
+            }
+            let answer = client.get(&format!("/admin/outbox?{}", serde_urlencoded::to_string(&query)?)).await?;
+            print!("{}", admin::format_outbox_list(&answer));
+        }
+        OutboxAction::Stats => {
+            println!("{}", serde_json::to_string_pretty(&client.get("/admin/outbox/stats").await?)?);
+        }
+        OutboxAction::Show { id } => {
+            println!("{}", serde_json::to_string_pretty(&client.get(&format!("/admin/outbox/{id}")).await?)?);
+        }
+        OutboxAction::Requeue { ids, dead } => {
+            if dead {
+                let answer = client.post("/admin/outbox/requeue?status=dead").await?;
+                println!("requeued {}", answer["requeued"]);
+            } else {
+                let mut problems = 0;
+                for id in ids {
+                    match client.post(&format!("/admin/outbox/{id}/requeue")).await {
                         Ok(_) => println!("{id} requeued"),
                         Err(error) => {
                             problems += 1;

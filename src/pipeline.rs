@@ -27,6 +27,7 @@ use serde_json::Value;
 
 use crate::hl7::charset::Charset;
 use crate::mapping::{ConvertError, Converted, Engine};
+use crate::outbox::Producer;
 use crate::store::{self, StoreError};
 use crate::telemetry::{self, Metrics};
 
@@ -49,6 +50,9 @@ pub enum Error {
     /// The database could not be opened.
     #[error(transparent)]
     Open(#[from] crate::db::Error),
+    /// The outbox refused a Bundle.
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::Error),
     /// The worker thread could not be started.
     #[error("cannot start the pipeline thread: {0}")]
     Thread(std::io::Error),
@@ -105,15 +109,18 @@ pub struct Pipeline {
 impl Pipeline {
     /// Opens a write connection to the database at `path` and starts the worker.
     /// `wakeup` is the signal the journal and the admin API raise when there is work.
+    /// With `outbox`, each converted message's Bundle is queued for the aggregator in the
+    /// transaction that stores its resources.
     pub fn start(
         path: &Path,
         engine: SharedEngine,
         wakeup: Arc<Wakeup>,
         metrics: Arc<Metrics>,
+        outbox: Option<Producer>,
     ) -> Result<Pipeline, Error> {
         let connection = crate::db::open(path)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let worker = Worker { connection, engine, metrics, wakeup: wakeup.clone(), stop: stop.clone() };
+        let worker = Worker { connection, engine, metrics, wakeup: wakeup.clone(), stop: stop.clone(), outbox };
         let thread = std::thread::Builder::new()
             .name("pipeline".to_string())
             .spawn(move || worker.run())
@@ -154,11 +161,14 @@ struct Worker {
     metrics: Arc<Metrics>,
     wakeup: Arc<Wakeup>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    outbox: Option<Producer>,
 }
 
 /// A claimed journal row.
 struct Claimed {
     id: i64,
+    /// MSH-3^MSH-4, the outbox partition when the Bundle names no Patient.
+    sender: String,
     received_at_us: i64,
     charset: String,
     raw: Vec<u8>,
@@ -224,12 +234,15 @@ impl Worker {
         let engine = self.engine.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         let outcomes = convert_all(&engine, &claimed);
         let now_us = telemetry::now_us();
-        let transaction = self.connection.transaction()?;
+        let transaction = self.connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut counts = Vec::with_capacity(claimed.len());
         for (message, outcome) in claimed.iter().zip(&outcomes) {
-            counts.push(apply(&transaction, message, outcome, now_us)?);
+            counts.push(apply(&transaction, message, outcome, now_us, self.outbox.as_ref())?);
         }
         transaction.commit()?;
+        if let Some(outbox) = &self.outbox {
+            outbox.notify();
+        }
         for (message, (outcome, resources)) in claimed.iter().zip(outcomes.iter().zip(counts)) {
             let latency = (now_us - message.received_at_us).max(0) as f64 / 1e6;
             self.metrics.pipeline_latency.observe(latency);
@@ -266,12 +279,15 @@ fn outcome_label(outcome: &str) -> telemetry::OutcomeLabels {
 
 fn claim(connection: &Connection, limit: usize) -> Result<Vec<Claimed>, Error> {
     let mut statement = connection.prepare_cached(
-        "SELECT id, received_at_us, charset, raw, raw_truncated FROM messages
+        "SELECT id, received_at_us, charset, raw, raw_truncated, sending_application, sending_facility FROM messages
          WHERE status = 'accepted' ORDER BY id LIMIT ?1",
     )?;
     let rows = statement.query_map([limit as i64], |row| {
+        let application: String = row.get(5)?;
+        let facility: String = row.get(6)?;
         Ok(Claimed {
             id: row.get(0)?,
+            sender: format!("{application}^{facility}"),
             received_at_us: row.get(1)?,
             charset: row.get(2)?,
             raw: row.get(3)?,
@@ -322,6 +338,7 @@ fn apply(
     message: &Claimed,
     outcome: &Result<Converted, Failure>,
     now_us: i64,
+    outbox: Option<&Producer>,
 ) -> Result<usize, Error> {
     match outcome {
         Ok(converted) => {
@@ -341,6 +358,9 @@ fn apply(
                     }
                     (_, None) => {}
                 }
+            }
+            if let Some(outbox) = outbox {
+                outbox.enqueue(transaction, message.id, &converted.bundle, &message.sender)?;
             }
             let report = serde_json::to_string(&converted.report).unwrap_or_default();
             transaction
@@ -564,6 +584,7 @@ PV1|1|I|W^2^A^HOSP||||||||||||||||V-7^^^HOSP^VN\r";
             metrics: Arc::new(Metrics::new()),
             wakeup: Arc::new(Wakeup::default()),
             stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            outbox: None,
         }
     }
 
@@ -656,13 +677,38 @@ PV1|1|I|W^2^A^HOSP||||||||||||||||V-7^^^HOSP^VN\r";
     }
 
     #[test]
+    fn processed_messages_are_queued_for_the_aggregator_once_in_the_same_transaction() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("gateway.db");
+        let connection = crate::db::open(&path).unwrap();
+        let first = insert(&connection, "P-A01", A01);
+        insert(&connection, "P-ZZZ", UNMAPPED);
+        let mut worker = worker(&path);
+        worker.outbox = Some(Producer::detached(crate::outbox::OrderBy::Patient));
+        worker.step().unwrap();
+        let queued: Vec<(i64, String)> = connection
+            .prepare("SELECT message_id, partition_key FROM outbox")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let patient = patient_of(&connection);
+        assert_eq!(queued, vec![(first, format!("Patient/{}", patient.id))]);
+        requeue(&connection, &Requeue::Ids(vec![first])).unwrap();
+        worker.step().unwrap();
+        let count: i64 = connection.query_row("SELECT count(*) FROM outbox", [], |row| row.get(0)).unwrap();
+        assert_eq!(count, 1, "a message is queued once");
+    }
+
+    #[test]
     fn the_worker_wakes_on_a_signal_and_stops_when_asked() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("gateway.db");
         let connection = crate::db::open(&path).unwrap();
         let wakeup = Arc::new(Wakeup::default());
         let pipeline =
-            Pipeline::start(&path, shared(Engine::builtin().unwrap()), wakeup.clone(), Arc::new(Metrics::new()))
+            Pipeline::start(&path, shared(Engine::builtin().unwrap()), wakeup.clone(), Arc::new(Metrics::new()), None)
                 .unwrap();
         let id = insert(&connection, "P-A01", A01);
         wakeup.wake();

@@ -22,6 +22,7 @@ use crate::journal::Journal;
 use crate::mapping::Engine;
 use crate::mllp::ingest::Ingest;
 use crate::mllp::listener::{self, Context};
+use crate::outbox::Outbox;
 use crate::pipeline::{self, Pipeline, Wakeup};
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -67,9 +68,15 @@ struct GatewayReadiness {
     /// Weak, so that the HTTP server (which lives longest) does not keep the journal open.
     context: std::sync::Weak<Context>,
     shutdown: CancellationToken,
+    /// The aggregator push's backlog figure, when push is configured.
+    outbox: Option<Arc<crate::outbox::Status>>,
 }
 
 impl Readiness for GatewayReadiness {
+    fn degraded(&self) -> Option<String> {
+        self.outbox.as_ref().and_then(|status| status.degraded())
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.shutdown.is_cancelled() {
             return Err("shutting down".to_string());
@@ -110,7 +117,20 @@ impl Gateway {
         let (journal, journal_thread) =
             Journal::open_notifying(&database, Some(Arc::new(move || notify_pipeline.wake())))?;
         let metrics = Arc::new(Metrics::new());
-        let pipeline = Pipeline::start(&database, engine.clone(), wakeup.clone(), metrics.clone())?;
+        let outbox = match &settings.aggregator {
+            Some(aggregator) => Some(
+                Outbox::start(&database, aggregator.clone(), metrics.clone())
+                    .context("cannot start the aggregator push")?,
+            ),
+            None => None,
+        };
+        let pipeline = Pipeline::start(
+            &database,
+            engine.clone(),
+            wakeup.clone(),
+            metrics.clone(),
+            outbox.as_ref().map(Outbox::producer),
+        )?;
         let store = Store::open(&database, STORE_READERS)?;
         let verifier = match &settings.auth {
             Some(auth) => Some(Arc::new(
@@ -145,7 +165,11 @@ impl Gateway {
             connections.clone(),
         ));
 
-        let readiness = Arc::new(GatewayReadiness { context: Arc::downgrade(&context), shutdown: shutdown.clone() });
+        let readiness = Arc::new(GatewayReadiness {
+            context: Arc::downgrade(&context),
+            shutdown: shutdown.clone(),
+            outbox: outbox.as_ref().map(Outbox::status),
+        });
         let api_state = api::ApiState {
             store,
             verifier,
@@ -202,6 +226,10 @@ impl Gateway {
             // `accepted` in the journal for the next start.
             if tokio::task::spawn_blocking(move || pipeline.stop()).await.is_err() {
                 tracing::error!("pipeline did not stop cleanly");
+            }
+            // In-flight pushes finish or time out; pending rows wait for the next start.
+            if let Some(outbox) = outbox {
+                outbox.stop().await;
             }
             http_stop.cancel();
             let _ = http_server.await;

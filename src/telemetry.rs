@@ -133,6 +133,18 @@ pub struct Metrics {
     pub fhir_requests: Family<RequestLabels, Counter>,
     /// `hl7gw_fhir_request_duration_seconds`.
     pub fhir_request_duration: Histogram,
+    /// `hl7gw_outbox_depth`: Bundles waiting for delivery.
+    pub outbox_depth: Gauge,
+    /// `hl7gw_outbox_oldest_undelivered_seconds`: age of the oldest pending Bundle.
+    pub outbox_oldest_undelivered_seconds: Gauge,
+    /// `hl7gw_outbox_deliveries_total`: messages the aggregator accepted.
+    pub outbox_deliveries: Counter,
+    /// `hl7gw_outbox_retries_total`: failed attempts that will be retried.
+    pub outbox_retries: Counter,
+    /// `hl7gw_outbox_dead_letters_total`: messages the aggregator refused.
+    pub outbox_dead_letters: Counter,
+    /// `hl7gw_outbox_delivery_latency_seconds`: queued → accepted by the aggregator.
+    pub outbox_delivery_latency: Histogram,
     seen_label_values: Mutex<HashSet<String>>,
 }
 
@@ -209,8 +221,44 @@ impl Metrics {
             "FHIR API request handling time",
             fhir_request_duration.clone(),
         );
+        let outbox_depth = Gauge::default();
+        let outbox_oldest_undelivered_seconds = Gauge::default();
+        let outbox_deliveries = Counter::default();
+        let outbox_retries = Counter::default();
+        let outbox_dead_letters = Counter::default();
+        // 1 ms .. ~65 s
+        let outbox_delivery_latency =
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17));
+        registry.register("outbox_depth", "Bundles waiting for delivery to the aggregator", outbox_depth.clone());
+        registry.register(
+            "outbox_oldest_undelivered_seconds",
+            "Age of the oldest Bundle not yet delivered to the aggregator",
+            outbox_oldest_undelivered_seconds.clone(),
+        );
+        registry.register("outbox_deliveries", "Messages delivered to the aggregator", outbox_deliveries.clone());
+        registry.register(
+            "outbox_retries",
+            "Failed delivery attempts that will be retried (timeouts, connection errors, 5xx, 429)",
+            outbox_retries.clone(),
+        );
+        registry.register(
+            "outbox_dead_letters",
+            "Messages the aggregator refused (4xx), kept for operators",
+            outbox_dead_letters.clone(),
+        );
+        registry.register(
+            "outbox_delivery_latency_seconds",
+            "Time from queueing a Bundle to the aggregator accepting it",
+            outbox_delivery_latency.clone(),
+        );
         Metrics {
             registry,
+            outbox_depth,
+            outbox_oldest_undelivered_seconds,
+            outbox_deliveries,
+            outbox_retries,
+            outbox_dead_letters,
+            outbox_delivery_latency,
             pipeline_messages,
             pipeline_backlog,
             pipeline_latency,

@@ -12,6 +12,7 @@
 
 pub mod admin;
 pub mod metadata;
+pub mod outbox;
 pub mod read;
 pub mod render;
 pub mod search;
@@ -71,7 +72,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/fhir", any(read_only))
         .route("/fhir/", any(read_only))
         .fallback(not_found);
-    let admin = admin::router();
+    let admin = admin::router().merge(outbox::router());
     fhir.merge(admin)
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))

@@ -1,4 +1,4 @@
-//! `messages` and `reload-mappings`: the operator commands, clients of a running gateway's
+//! `messages`, `outbox` and `reload-mappings`: the operator commands, clients of a running gateway's
 //! `/admin` API (so that they work from anywhere the API is reachable, with the same
 //! bearer auth, and so that a requeue wakes the pipeline at once).
 
@@ -93,6 +93,31 @@ pub fn format_list(answer: &Value) -> String {
             field("status"),
             field("attempts"),
             field("error"),
+        ));
+    }
+    text
+}
+
+/// One line per outbox row: id, message id, partition hash, status, attempts, created,
+/// last HTTP status, last error.
+pub fn format_outbox_list(answer: &Value) -> String {
+    let mut text = String::new();
+    for row in answer.get("outbox").and_then(Value::as_array).into_iter().flatten() {
+        let field = |name: &str| match row.get(name) {
+            Some(Value::String(text)) => text.clone(),
+            Some(Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        };
+        text.push_str(&format!(
+            "{:>8}  {:>8}  {:<12}  {:<9}  {:>3}  {}  {:<3}  {}\n",
+            field("id"),
+            field("message_id"),
+            field("partition"),
+            field("status"),
+            field("attempts"),
+            field("created_at"),
+            field("last_status"),
+            field("last_error"),
         ));
     }
     text

@@ -69,7 +69,9 @@ fn run(
 }
 
 fn write_batch(connection: &mut Connection, batch: &[Request]) -> rusqlite::Result<Vec<Appended>> {
-    let transaction = connection.transaction()?;
+    // IMMEDIATE: the write lock is taken up front, so a concurrent writer (pipeline,
+    // outbox) makes this wait for the busy timeout instead of failing a lock upgrade.
+    let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     for request in batch {
         outcomes.push(write_one(&transaction, &request.entry)?);
