@@ -79,7 +79,17 @@ pub fn open(path: &Path) -> Result<Connection, Error> {
     let name = path.display().to_string();
     let wrap = |source| Error::Sqlite { path: name.clone(), source };
     let mut connection = Connection::open(path).map_err(wrap)?;
-    connection.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
+    // Writers (journal, pipeline, outbox) take the write lock with BEGIN IMMEDIATE and
+    // wait for each other here. SQLite's default busy handler sleeps up to 100 ms between
+    // tries, which would show up as ACK latency; this one polls every 100 µs for the first
+    // 50 ms, then every millisecond, for about 10 s in all.
+    connection
+        .busy_handler(Some(|attempt: i32| {
+            let pause = if attempt < 500 { Duration::from_micros(100) } else { Duration::from_millis(1) };
+            std::thread::sleep(pause);
+            attempt < 10_500
+        }))
+        .map_err(wrap)?;
     connection
         .execute_batch(
             "PRAGMA journal_mode = WAL;

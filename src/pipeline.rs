@@ -31,8 +31,9 @@ use crate::outbox::Producer;
 use crate::store::{self, StoreError};
 use crate::telemetry::{self, Metrics};
 
-/// Most messages converted and committed together.
-pub const BATCH: usize = 64;
+/// Most messages converted and committed together. Small enough that the write lock is
+/// held only for a few milliseconds, so the journal (whose commits gate ACKs) rarely waits.
+pub const BATCH: usize = 16;
 /// How often an idle worker looks for requeued messages nobody signalled.
 pub const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Wait after a failed store transaction before trying the batch again.
@@ -205,13 +206,6 @@ impl Failure {
 
 impl Worker {
     fn run(mut self) {
-        // Busy waits are short: the journal writer's transactions take about a millisecond.
-        self.connection
-            .busy_handler(Some(|attempt| {
-                std::thread::sleep(Duration::from_micros(200));
-                attempt < 100_000
-            }))
-            .ok();
         while !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
             match self.step() {
                 Ok(0) => self.wakeup.wait(IDLE_POLL),

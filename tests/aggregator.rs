@@ -427,12 +427,13 @@ async fn status_503_and_429_are_retried_honouring_retry_after() {
     let messages = messages_for(1, 1);
     send_all(&gateway, &messages, 1).await;
     wait_for_state(&server.aggregator, &expected_state(&messages), Duration::from_secs(30)).await;
-    let recorded = server.aggregator.recorded.lock().unwrap();
-    let statuses: Vec<u16> = recorded.answered.iter().map(|(_, status)| *status).collect();
-    assert_eq!(statuses, [503, 429, 200]);
-    let waited = recorded.answered[2].0 - recorded.answered[1].0;
-    assert!(waited >= Duration::from_millis(950), "Retry-After: 1 not honoured: {waited:?}");
-    drop(recorded);
+    {
+        let recorded = server.aggregator.recorded.lock().unwrap();
+        let statuses: Vec<u16> = recorded.answered.iter().map(|(_, status)| *status).collect();
+        assert_eq!(statuses, [503, 429, 200]);
+        let waited = recorded.answered[2].0 - recorded.answered[1].0;
+        assert!(waited >= Duration::from_millis(950), "Retry-After: 1 not honoured: {waited:?}");
+    }
     gateway.stop().await;
 }
 
@@ -626,7 +627,7 @@ async fn soak_with_a_flapping_aggregator() {
             while !flapping.is_cancelled() {
                 tokio::time::sleep(Duration::from_millis(700)).await;
                 round += 1;
-                if round % 3 == 0 {
+                if round.is_multiple_of(3) {
                     server.lock().await.down().await;
                     tokio::time::sleep(Duration::from_millis(400)).await;
                     server.lock().await.up().await;

@@ -38,7 +38,7 @@ pub struct Attempt {
 enum Auth {
     None,
     Static(String),
-    Smart(Smart),
+    Smart(Box<Smart>),
 }
 
 /// A client of the aggregator.
@@ -103,7 +103,7 @@ impl Client {
                 })?;
                 Auth::Static(checked_token(text.trim(), "bearer token variable")?)
             }
-            AuthSettings::Smart(smart) => Auth::Smart(Smart::load(smart)?),
+            AuthSettings::Smart(smart) => Auth::Smart(Box::new(Smart::load(smart)?)),
         };
         Ok(Client { http, endpoint: settings.endpoint.clone(), auth })
     }
