@@ -224,11 +224,14 @@ fn transaction_bundle(message: &Message, text: &str, program: &Program, resource
             "entity": [{
                 "role": "source",
                 "what": {
-                    "identifier": { "value": field(10, 1) },
                     "display": format!("HL7 v2 {message_type} message {} from {sender}", field(10, 1))
                 }
             }]
         });
+        // An empty MSH-10 gives no identifier (FHIR has no empty strings).
+        if !field(10, 1).is_empty() {
+            provenance["entity"][0]["what"]["identifier"] = json!({ "value": field(10, 1) });
+        }
         if !field(9, 2).is_empty() {
             provenance["activity"] = json!({ "coding": [{
                 "system": "http://terminology.hl7.org/CodeSystem/v2-0003",
