@@ -58,7 +58,11 @@ enum Refusal {
 fn convert(engine: &Engine, bytes: &[u8]) -> Result<Value, Refusal> {
     // Only bytes that are invalid in the declared charset; an unsupported charset is a failure.
     let text = decode(bytes).map_err(|error| {
-        if error.contains("is not valid") { Refusal::Charset(error) } else { Refusal::Conversion(error) }
+        if error.contains("is not valid") {
+            Refusal::Charset(error)
+        } else {
+            Refusal::Conversion(error)
+        }
     })?;
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.convert(&text))) {
         Ok(result) => result.map(|converted| converted.bundle).map_err(|error| Refusal::Conversion(error.to_string())),
@@ -92,7 +96,8 @@ fn every_corpus_message_of_a_mapped_family_converts() {
     });
 
     let files = shared_corpus::message_files(root);
-    let (mut messages, mut mapped, mut converted, mut exported, mut comments) = (0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut messages, mut mapped, mut converted, mut exported, mut comments) =
+        (0usize, 0usize, 0usize, 0usize, 0usize);
     let mut per_family: std::collections::BTreeMap<&str, (usize, usize)> =
         FAMILIES.iter().map(|family| (*family, (0, 0))).collect();
     let mut failures = Vec::new();

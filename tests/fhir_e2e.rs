@@ -166,15 +166,14 @@ async fn run_fhir_kit_client(base: &str, patient_id: &str) {
         eprintln!("SKIPPED: fhir-kit-client check (set FHIR_KIT_CLIENT_DIR; .ci/run installs it)");
         return;
     };
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/fhir_kit_client.cjs");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/fhir_kit_client.mjs");
     let (base, patient_id) = (base.to_string(), patient_id.to_string());
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("node")
             .arg(script)
             .arg(base)
             .arg(patient_id)
-            .env("NODE_PATH", Path::new(&modules).join("node_modules"))
-            .current_dir(&modules)
+            .env("FHIR_KIT_CLIENT_DIR", &modules)
             .output()
     })
     .await

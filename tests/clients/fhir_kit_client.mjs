@@ -1,9 +1,15 @@
 // Reads the gateway's FHIR API with fhir-kit-client, a FHIR client library we did not write.
-// Usage: node tests/clients/fhir_kit_client.cjs BASE_URL PATIENT_ID
-// (NODE_PATH must reach a node_modules with fhir-kit-client; see tests/fhir_e2e.rs.)
+// Usage: FHIR_KIT_CLIENT_DIR=DIR node tests/clients/fhir_kit_client.mjs BASE_URL PATIENT_ID
+// (DIR/node_modules holds fhir-kit-client, an ES module: ci/install_clients.sh installs it.)
 // Prints "fhir-kit-client: ok" when every check passed; exits non-zero otherwise.
-'use strict';
-const Client = require('fhir-kit-client');
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+
+const packageDir = join(process.env.FHIR_KIT_CLIENT_DIR, 'node_modules', 'fhir-kit-client');
+const manifest = JSON.parse(readFileSync(join(packageDir, 'package.json'), 'utf8'));
+const entry = (manifest.exports && manifest.exports['.'] && manifest.exports['.'].import) || manifest.main;
+const { Client } = await import(pathToFileURL(join(packageDir, entry)).href);
 
 function check(condition, what) {
   if (!condition) {
