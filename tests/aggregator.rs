@@ -605,6 +605,95 @@ async fn mutual_tls_with_a_custom_ca_over_http2() {
 
 /// Sends `SOAK_MESSAGES` across many patients while the aggregator goes down and up and
 /// answers 503s; then the aggregator's state must equal converting every message once.
+/// The real binary as a child process, on a config file; its MLLP address comes from the
+/// `gateway listening` log line.
+struct ChildGateway {
+    child: std::process::Child,
+    mllp: String,
+}
+
+impl ChildGateway {
+    fn start(config: &Path) -> ChildGateway {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hl7-fhir-gateway"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env_remove("RUST_LOG")
+            .env_remove("HL7GW_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot spawn the gateway binary");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (sender, lines) = std::sync::mpsc::channel::<String>();
+        // Drains stderr for the child's whole life, so that logging never blocks it.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = sender.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let line = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the gateway did not log `gateway listening`");
+            if let (true, Some(start)) = (line.contains("gateway listening"), line.find("mllp=")) {
+                let mllp: String = line[start + 5..].chars().take_while(|c| !c.is_whitespace()).collect();
+                return ChildGateway { child, mllp };
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("cannot kill the gateway");
+        self.child.wait().expect("cannot reap the gateway");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_delivery_loses_nothing_and_repeats_are_harmless() {
+    let server = Server::start().await;
+    // Slow answers keep deliveries in flight when the gateway is killed.
+    server.aggregator.behaviour.lock().unwrap().delay = Duration::from_millis(300);
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 1\ndata_dir: {}\nmllp:\n  listen: 127.0.0.1:0\nhttp:\n  listen: 127.0.0.1:0\n\
+             aggregator:\n  endpoint: {}\n  max_in_flight: 4\n  retry:\n    initial_backoff_ms: 50\n    max_backoff_secs: 1\n",
+            directory.path().join("data").display(),
+            server.endpoint()
+        ),
+    )
+    .unwrap();
+    let messages = messages_for(8, 3);
+    let gateway = ChildGateway::start(&config);
+    let mut client = Client::connect(&Options::plain(gateway.mllp.clone())).await.unwrap();
+    for (_, text) in &messages {
+        let ack = String::from_utf8_lossy(&client.send(text.as_bytes()).await.unwrap()).into_owned();
+        assert!(ack.contains("MSA|AA"), "not accepted: {ack}");
+    }
+    // Kill once the aggregator has started answering (deliveries are under way), before it
+    // can have received everything.
+    let started = Instant::now();
+    while server.aggregator.recorded.lock().unwrap().answered.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(60), "no delivery ever reached the aggregator");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gateway.kill();
+    let before_restart = server.aggregator.recorded.lock().unwrap().resources.len();
+    let expected = expected_state(&messages);
+    assert!(before_restart < expected.len(), "everything was delivered before the kill; the test proves nothing");
+
+    server.aggregator.behaviour.lock().unwrap().delay = Duration::ZERO;
+    let restarted = ChildGateway::start(&config);
+    wait_for_state(&server.aggregator, &expected, Duration::from_secs(60)).await;
+    assert_ordered_per_patient(&server.aggregator);
+    restarted.kill();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_with_a_flapping_aggregator() {
     let total: usize = std::env::var("SOAK_MESSAGES").ok().and_then(|value| value.parse().ok()).unwrap_or(2000);
