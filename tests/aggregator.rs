@@ -635,9 +635,11 @@ impl ChildGateway {
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the gateway did not log `gateway listening`");
+            let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) else {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the gateway did not log `gateway listening`");
+            };
             if let (true, Some(start)) = (line.contains("gateway listening"), line.find("mllp=")) {
                 let mllp: String = line[start + 5..].chars().take_while(|c| !c.is_whitespace()).collect();
                 return ChildGateway { child, mllp };
