@@ -274,7 +274,12 @@ fn assert_journaled(database: &Path, acknowledged: &Acknowledged) {
         assert_eq!(rows.len(), 1, "{control_id} was acknowledged with AA but has {} journal rows", rows.len());
         let (raw, status) = &rows[0];
         assert!(raw == sent, "{control_id}: journal bytes differ from the bytes sent");
-        assert_eq!(status, "accepted", "{control_id}: journal status");
+        // The pipeline may have moved it on (processed, or failed to convert): anything but
+        // refused means it was kept as an accepted message.
+        assert!(
+            matches!(status.as_str(), "accepted" | "processed" | "failed"),
+            "{control_id}: journal status {status}"
+        );
     }
 }
 
