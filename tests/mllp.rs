@@ -171,7 +171,9 @@ struct Row {
     raw_truncated: bool,
 }
 
-/// Every journal row, in id order.
+/// Every journal row, in id order, as ingest left it: the pipeline may already have moved an
+/// accepted row on to `processed` or `failed` (with its conversion error), which these MLLP
+/// tests do not look at, so those read as `accepted` without an error.
 fn rows(database: &Path) -> Vec<Row> {
     let connection = rusqlite::Connection::open(database).expect("database opens");
     let mut statement = connection
@@ -195,8 +197,15 @@ fn rows(database: &Path) -> Vec<Row> {
             })
         })
         .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap()
+        .map(|row| {
+            let mut row = row.unwrap();
+            if row.status == "processed" || row.status == "failed" {
+                row.status = "accepted".to_string();
+                row.error = None;
+            }
+            row
+        })
+        .collect()
 }
 
 /// Stops the gateway and returns the journal rows.
