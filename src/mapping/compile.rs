@@ -110,6 +110,14 @@ pub fn compile(files: &[SourceFile], default_timezone: &str) -> Result<(Program,
         let SenderMatch { application, facility } = sender.sender.clone();
         overlays.push(Overlay { name: name.clone(), application, facility, program });
     }
+    // Element names are checked once the programs compile; overlays share most rules with
+    // the defaults, and the checker skips rules it has seen.
+    if errors.is_empty() {
+        errors.extend(super::elements::check(&default_program));
+        for overlay in &overlays {
+            errors.extend(super::elements::check(&overlay.program));
+        }
+    }
     if errors.is_empty() {
         Ok((default_program, overlays))
     } else {

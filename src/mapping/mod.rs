@@ -12,6 +12,7 @@
 //! (running a map), [`report`].
 
 pub mod compile;
+pub mod elements;
 pub mod eval;
 pub mod expr;
 pub mod path;
