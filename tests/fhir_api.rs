@@ -57,6 +57,7 @@ fn patient(id: &str, family: &str, given: &[&str], gender: &str, birth_date: &st
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn observation(
     id: &str,
     patient: &str,
@@ -537,6 +538,9 @@ async fn read_returns_the_current_version_with_etag_and_last_modified() {
     assert_eq!(jane["address"][0]["postalCode"], "62704");
     assert_eq!(reply.header("etag"), Some("W/\"2\""));
     assert_eq!(reply.header("last-modified"), Some(UPDATED_HTTP));
+    let head = send(&fixture.router, request(Method::HEAD, "/fhir/Patient/pat-1", &[], Body::empty())).await;
+    assert_eq!((head.status, head.header("etag")), (StatusCode::OK, Some("W/\"2\"")));
+    assert!(head.body.is_empty());
     for (path, kind) in [
         ("/fhir/Encounter/enc-1", "Encounter"),
         ("/fhir/Observation/obs-glu-1", "Observation"),
@@ -695,6 +699,23 @@ async fn type_and_system_history_page_through_every_version_once() {
     }
     let unique: HashSet<&String> = seen.iter().collect();
     assert_eq!((seen.len(), unique.len()), (versions, versions), "{seen:?}");
+
+    // _since is kept by the paging links.
+    let mut url = "/fhir/Observation/_history?_since=2024-06-01T00:00:20Z&_count=4".to_string();
+    let mut walked = 0;
+    let total = loop {
+        let page = get(&fixture.router, &url).await.ok();
+        walked += page["entry"].as_array().map_or(0, Vec::len);
+        match link(&page, "next") {
+            Some(next) => {
+                assert!(next.contains("_since="), "{next}");
+                url = local(&next).to_string();
+            }
+            None => break page["total"].as_u64().unwrap(),
+        }
+    };
+    assert_eq!(walked as u64, total);
+    assert!(total > 4 && total < (SERIES + 6) as u64, "{total}");
 
     let since = get(&fixture.router, "/fhir/_history?_since=2024-06-10").await.ok();
     let mut changed: Vec<String> =
@@ -962,6 +983,10 @@ async fn string_and_token_modifiers() {
             ("Patient?telecom:missing=true", &["pat-4"]),
             ("Patient?telecom:missing=false", &["pat-1", "pat-2", "pat-3"]),
             ("Patient?address-postalcode:missing=true", &["pat-4"]),
+            ("Patient?birthdate:missing=false", &["pat-1", "pat-2", "pat-3", "pat-4"]),
+            ("Encounter?location:missing=true", &["enc-2"]),
+            ("Encounter?location:missing=false", &["enc-1", "enc-3"]),
+            ("Observation?code:not=http://loinc.org|2345-7&patient=pat-1", &["obs-hr"]),
             ("Observation?encounter:missing=true&code=2345-7", &["obs-glu-3"]),
             ("Patient?gender:not=female", &["pat-2", "pat-4"]),
             ("Observation?status:not=final&category=laboratory", &["obs-hb"]),
@@ -1019,6 +1044,8 @@ async fn references_by_id_type_and_chain() {
             ("DiagnosticReport?result.code=2345-7", &["dr-1"]),
             ("Observation?encounter.status=in-progress", &["obs-hr"]),
             ("Observation?patient.identifier=MRN404", &[]),
+            ("Observation?patient._id=pat-3", &["obs-glu-3"]),
+            ("Observation?subject:identifier=MRN001", &[]),
         ],
     )
     .await;
