@@ -1845,3 +1845,43 @@ async fn http_errors_are_operation_outcomes_with_their_status() {
     let allowed = http(client.get(format!("{base}/fhir/Observation/obs-glu-1")).bearer_auth(&token)).await;
     assert_eq!(allowed.ok()["id"], "obs-glu-1");
 }
+
+#[tokio::test]
+async fn a_patient_token_never_sees_an_earlier_version_that_belonged_to_another_patient() {
+    let secured = Secured::new().await;
+    // Filed under John first, corrected to Jane.
+    let mut moved = observation(
+        "obs-moved",
+        "pat-2",
+        None,
+        "final",
+        "laboratory",
+        ("2345-7", "Glucose"),
+        "2024-02-01T08:00:00Z",
+        (101.0, "mg/dL"),
+    );
+    write(&secured.fixture.database, std::slice::from_ref(&moved), UPDATED_US + 100_000_000);
+    moved["subject"] = json!({"reference": "Patient/pat-1"});
+    write(&secured.fixture.database, &[moved], UPDATED_US + 200_000_000);
+
+    let jane = secured.token("patient/*.read", Some("pat-1"));
+    assert_eq!(secured.get_as(&jane, "/fhir/Observation/obs-moved").await.ok()["meta"]["versionId"], "2");
+    assert_eq!(
+        secured.get_as(&jane, "/fhir/Observation/obs-moved/_history/2").await.ok()["subject"]["reference"],
+        "Patient/pat-1"
+    );
+    expect_error(&secured.get_as(&jane, "/fhir/Observation/obs-moved/_history/1").await, StatusCode::NOT_FOUND);
+    let history = secured.get_as(&jane, "/fhir/Observation/obs-moved/_history").await.ok();
+    assert_eq!(history["total"], 1);
+    assert_eq!(history["entry"].as_array().unwrap().len(), 1);
+    assert_eq!(history["entry"][0]["resource"]["meta"]["versionId"], "2");
+    // With full access, both versions.
+    let system = secured.token("system/*.read", None);
+    assert_eq!(secured.get_as(&system, "/fhir/Observation/obs-moved/_history").await.ok()["total"], 2);
+    assert_eq!(
+        secured.get_as(&system, "/fhir/Observation/obs-moved/_history/1").await.ok()["subject"]["reference"],
+        "Patient/pat-2"
+    );
+    // Jane's own record keeps its full history.
+    assert_eq!(secured.get_as(&jane, "/fhir/Patient/pat-1/_history").await.ok()["total"], 2);
+}
