@@ -74,6 +74,7 @@ pub fn router(state: ApiState) -> Router {
         .fallback(not_found);
     let admin = admin::router().merge(outbox::router());
     fhir.merge(admin)
+        .layer(axum::middleware::from_fn(outcome_for_every_error))
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .layer(tower_http::compression::CompressionLayer::new().gzip(true))
@@ -98,6 +99,48 @@ async fn observe(State(state): State<ApiState>, request: Request, next: Next) ->
         .inc();
     state.metrics.fhir_request_duration.observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// Turns the error responses axum makes itself (extractor rejections such as a path that
+/// is not UTF-8, 405 from method routing) into OperationOutcomes, keeping their status and
+/// headers (`Allow`...). Errors that already are FHIR pass unchanged.
+async fn outcome_for_every_error(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_fhir = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|media| media.starts_with("application/fhir+json"));
+    if is_fhir {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
+        .unwrap_or_default();
+    let diagnostics = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_string() } else { text };
+    let code = match status {
+        StatusCode::BAD_REQUEST => "invalid",
+        StatusCode::UNAUTHORIZED => "login",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not-found",
+        StatusCode::METHOD_NOT_ALLOWED | StatusCode::NOT_ACCEPTABLE | StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+            "not-supported"
+        }
+        StatusCode::PAYLOAD_TOO_LARGE => "too-long",
+        status if status.is_server_error() => "exception",
+        _ => "processing",
+    };
+    let body = operation_outcome("error", code, &[diagnostics]).to_string();
+    let mut converted = Response::from_parts(parts, axum::body::Body::from(body));
+    converted.headers_mut().remove(header::CONTENT_LENGTH);
+    converted.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    converted
 }
 
 /// Paths anyone may fetch: the CapabilityStatement and the SMART configuration (clients
@@ -320,7 +363,8 @@ pub fn form_pairs(text: &str) -> Vec<(String, String)> {
 /// Checks that the client accepts JSON. `_format` wins over `Accept`.
 fn negotiate(format: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> {
     if let Some(format) = format {
-        let media = format.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        // An unencoded `+` (`_format=application/fhir+json`) arrives decoded as a space.
+        let media = format.split(';').next().unwrap_or("").trim().to_ascii_lowercase().replace(' ', "+");
         return match media.as_str() {
             "json" | "application/json" | "application/fhir+json" | "application/json+fhir" => Ok(()),
             _ => Err(ApiError::NotAcceptable(format!("_format={format} is not supported; this server speaks JSON"))),

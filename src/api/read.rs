@@ -59,6 +59,11 @@ pub async fn vread(
         .store
         .read(move |connection| {
             let found = store::vread(connection, &lookup_type, &lookup_id, number)?;
+            let found = match &access {
+                // The current version decides the compartment; an older one must be in it too.
+                Access::Patient(patient) => found.filter(|version| version_visible(version, patient)),
+                _ => found,
+            };
             visible(connection, found, &access)
         })
         .await?;
@@ -66,6 +71,34 @@ pub async fn vread(
         return Err(ApiError::NotFound(format!("{resource_type}/{id} has no version {version}")));
     };
     respond_version(resource, &request, &params, &headers, "vread")
+}
+
+/// For a patient-level grant, whether one stored version belongs to the patient: the
+/// Patient itself, a version that references it, or a deletion (which carries no data).
+/// A resource whose subject changed must not show another patient's earlier version.
+fn version_visible(version: &StoredResource, patient: &str) -> bool {
+    if version.deleted {
+        return true;
+    }
+    if version.resource_type == "Patient" && version.id == patient {
+        return true;
+    }
+    serde_json::from_str::<serde_json::Value>(&version.body).is_ok_and(|body| references_patient(&body, patient))
+}
+
+fn references_patient(value: &serde_json::Value, patient: &str) -> bool {
+    match value {
+        serde_json::Value::Object(object) => object.iter().any(|(key, value)| {
+            let points_here = key == "reference"
+                && value.as_str().is_some_and(|reference| {
+                    reference.strip_prefix("Patient/").or_else(|| reference.rsplit_once("/Patient/").map(|(_, id)| id))
+                        == Some(patient)
+                });
+            points_here || references_patient(value, patient)
+        }),
+        serde_json::Value::Array(items) => items.iter().any(|item| references_patient(item, patient)),
+        _ => false,
+    }
 }
 
 /// Hides a resource outside the caller's patient compartment.
@@ -214,6 +247,25 @@ pub async fn instance_history(
     history(state, request, params, Some(resource_type), Some(id)).await
 }
 
+/// Runs a history query; with a patient-level grant (instance history only), the versions
+/// outside the patient's compartment are left out before paging.
+fn history_page(
+    connection: &rusqlite::Connection,
+    query: &HistoryQuery,
+    patient: Option<&str>,
+) -> Result<store::HistoryPage, store::StoreError> {
+    let Some(patient) = patient else {
+        return store::history(connection, query);
+    };
+    // One resource's versions: few enough to filter whole.
+    let all = store::history(connection, &HistoryQuery { count: usize::MAX >> 1, offset: 0, ..query.clone() })?;
+    let kept: Vec<StoredResource> =
+        all.versions.into_iter().filter(|version| version_visible(version, patient)).collect();
+    let total = kept.len() as u64;
+    let versions = kept.into_iter().skip(query.offset).take(query.count).collect();
+    Ok(store::HistoryPage { total, versions })
+}
+
 async fn history(
     state: ApiState,
     request: FhirRequest,
@@ -251,7 +303,14 @@ async fn history(
         return Err(ApiError::BadRequest(problems));
     }
     let page_query = query.clone();
-    let page = state.store.read(move |connection| store::history(connection, &page_query)).await?;
+    let patient = match (&id, &resource_type) {
+        (Some(_), Some(resource_type)) => match request.grant.can_read(resource_type) {
+            Access::Patient(patient) => Some(patient),
+            _ => None,
+        },
+        _ => None,
+    };
+    let page = state.store.read(move |connection| history_page(connection, &page_query, patient.as_deref())).await?;
     let path = match (&resource_type, &id) {
         (Some(resource_type), Some(id)) => format!("{}/{resource_type}/{id}/_history", request.base),
         (Some(resource_type), None) => format!("{}/{resource_type}/_history", request.base),

@@ -13,6 +13,7 @@ use super::render::{self, Entry, Link, Subset};
 use super::{check_id, check_type, fhir_response, require, ApiError, ApiState, FhirRequest, Params};
 use crate::auth::Access;
 use crate::store::search::{self, Handling, Page, Summary};
+use crate::store::StoreError;
 
 /// Largest `_search` form body accepted.
 const MAX_FORM_BYTES: usize = 64 * 1024;
@@ -135,7 +136,11 @@ pub async fn operation(
     match request.grant.can_read("Patient") {
         Access::All => {}
         Access::Patient(patient) if patient == id => {}
-        _ => return Err(ApiError::Forbidden(format!("the token's scopes do not allow reading Patient/{id}"))),
+        // Another patient does not exist for a patient-level token, as on a read.
+        Access::Patient(_) => return Err(ApiError::NotFound(format!("Patient/{id} is not known"))),
+        Access::Denied => {
+            return Err(ApiError::Forbidden(format!("the token's scopes do not allow reading Patient/{id}")))
+        }
     }
     let mut count = search::DEFAULT_COUNT;
     let mut page_token: Option<String> = None;
@@ -163,7 +168,12 @@ pub async fn operation(
                 _ => Ok(None),
             }
         })
-        .await?;
+        .await
+        .map_err(|error| match error {
+            // The only malformed input of a read is a `_page` that is not a paging token.
+            StoreError::Malformed(message) => ApiError::BadRequest(vec![message]),
+            other => ApiError::from(other),
+        })?;
     let Some(mut page) = page else {
         return Err(ApiError::NotFound(format!("Patient/{id} is not known")));
     };
