@@ -161,10 +161,59 @@ fn render(target: &TargetPath) -> String {
     parts.join(".")
 }
 
-/// The dotted path of the first element of `steps` that the R4 model drops, if any.
+/// Placeholder values tried at the end of a probe path. The models do not always refuse a
+/// value of the wrong type: a choice element (`multipleBirthBoolean`) with a value of another
+/// type is dropped as silently as an unknown element. So an element counts as missing only
+/// when every placeholder is dropped.
+fn placeholders() -> [Value; 8] {
+    [
+        json!("probe"),
+        json!(true),
+        json!(1),
+        json!(1.5),
+        json!("2020-01-01"),
+        json!("2020-01-01T00:00:00Z"),
+        json!("10:00:00"),
+        json!({ "id": "probe" }),
+    ]
+}
+
+/// The dotted path of the first element of `steps` that does not exist, if any. Each step
+/// is probed on its own, from the root: a complex step with `{"id": ...}` (every element
+/// may have an id), the last step with every placeholder. A step counts as missing only when
+/// every probe drops exactly that step; a probe that makes the model drop an ancestor (a
+/// placeholder of the wrong type inside a choice element) says nothing about the step.
+/// Results are cached for the process: every engine load asks the same questions.
 fn lost_element(resource_type: &str, steps: &[Step]) -> Option<String> {
+    static CACHE: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Option<String>>>> =
+        std::sync::OnceLock::new();
+    let key = format!("{resource_type}:{}", render(&TargetPath { steps: steps.to_vec() }));
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(known) = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&key) {
+        return known.clone();
+    }
+    let mut answer = None;
+    for depth in 1..=steps.len() {
+        let prefix = &steps[..depth];
+        let candidates: Vec<Value> =
+            if depth < steps.len() { vec![json!({ "id": "probe" })] } else { placeholders().to_vec() };
+        let missing = candidates.into_iter().all(|candidate| {
+            lost_with(resource_type, prefix, candidate).is_some_and(|lost| lost.split('.').count() == depth)
+        });
+        if missing {
+            answer = Some(prefix.iter().map(|step| step.name.as_str()).collect::<Vec<_>>().join("."));
+            break;
+        }
+    }
+    cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(key, answer.clone());
+    answer
+}
+
+/// With one placeholder: `None` when the model kept the path (or refused the probe, which
+/// means the element exists with another type), else the first dropped element.
+fn lost_with(resource_type: &str, steps: &[Step], placeholder: Value) -> Option<String> {
     let mut probe = Value::Object(skeleton(resource_type));
-    place(&mut probe, steps);
+    place(&mut probe, steps, placeholder);
     let model: fhir_sdk::r4b::resources::Resource = serde_json::from_value(probe.clone()).ok()?;
     let round_trip = serde_json::to_value(&model).ok()?;
     let mut original = &probe;
@@ -186,17 +235,22 @@ fn lost_element(resource_type: &str, steps: &[Step]) -> Option<String> {
     None
 }
 
-/// Sets `steps` in `probe`: arrays for indexed steps, objects otherwise, the placeholder
-/// `"probe"` at the end. An existing element on the way is replaced.
-fn place(probe: &mut Value, steps: &[Step]) {
+/// Sets `steps` in `probe`: arrays for indexed steps, objects otherwise, `placeholder` at
+/// the end. An existing element on the way is replaced.
+fn place(probe: &mut Value, steps: &[Step], placeholder: Value) {
     let Some((step, rest)) = steps.split_first() else {
         return;
     };
     let Value::Object(object) = probe else {
         return;
     };
-    let mut child = if rest.is_empty() { json!("probe") } else { json!({}) };
-    place(&mut child, rest);
+    let child = if rest.is_empty() {
+        placeholder
+    } else {
+        let mut child = json!({});
+        place(&mut child, rest, placeholder);
+        child
+    };
     let value = match step.index {
         Index::None => child,
         _ => Value::Array(vec![child]),
@@ -253,8 +307,18 @@ mod tests {
             lost_element("Encounter", &path("hospitalisation.admitSource")),
             Some("hospitalisation".to_string())
         );
-        // A placeholder of the wrong type for a real element is not reported here.
+        // Elements whose type the first placeholder does not fit, choice elements included.
         assert_eq!(lost_element("Patient", &path("active")), None);
+        assert_eq!(lost_element("Patient", &path("multipleBirthBoolean")), None);
+        assert_eq!(lost_element("Patient", &path("multipleBirthInteger")), None);
+        assert_eq!(lost_element("Patient", &path("deceasedDateTime")), None);
+        assert_eq!(lost_element("Observation", &path("effectiveDateTime")), None);
+        assert_eq!(lost_element("Observation", &path("valueQuantity.comparator")), None);
+        assert_eq!(
+            lost_element("Observation", &path("valueQuantity.comparater")),
+            Some("valueQuantity.comparater".to_string())
+        );
+        assert_eq!(lost_element("Patient", &path("multipleBirthText")), Some("multipleBirthText".to_string()));
     }
 
     #[test]
