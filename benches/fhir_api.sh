@@ -4,9 +4,9 @@
 # JSON as a static file (the ceiling: no database, no auth, no routing).
 #
 # 1. Starts the gateway (release build) on an empty data directory.
-# 2. Fills it the way production does: PATIENTS distinct ADT^A01 messages (default 25,000;
-#    each gives a Patient, an Encounter, a Practitioner, a Location, an Organization and a
-#    Provenance) go in over MLLP with `send`, then the script waits until the pipeline's
+# 2. Fills it the way production does: PATIENTS distinct ADT^A01 messages (default 34,000;
+#    each gives a Patient, an Encounter and a Provenance, plus shared Practitioners and
+#    Locations: about 103,000 resources) go in over MLLP with `send`, then the script waits until the pipeline's
 #    backlog is empty and counts the stored resources.
 # 3. wrk, 10 s per run, 3 runs per case, medians of requests/s and of p50/p99 latency:
 #    nginx static file, gateway read (`GET /fhir/Patient/{id}`), gateway search by token
@@ -16,7 +16,7 @@
 # GATEWAY_BIN=path uses an already built binary; PATIENTS=n changes the store size.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-patients=${PATIENTS:-25000}
+patients=${PATIENTS:-34000}
 runs=${RUNS:-3}
 seconds=${SECONDS_PER_RUN:-10}
 command -v nginx >/dev/null && command -v wrk >/dev/null || {
@@ -64,7 +64,12 @@ EOF
 echo "== sending them over MLLP" >&2
 started=$(date +%s)
 "$gateway" send --to 127.0.0.1:6620 "$work/adt.hl7" >"$work/send.log"
-grep -vc " AA$" "$work/send.log" | grep -qx 0 || { echo "some messages were not accepted" >&2; exit 1; }
+accepted=$(grep -c " AA$" "$work/send.log" || true)
+if [ "$accepted" != "$patients" ]; then
+  echo "only $accepted of $patients messages were accepted; first others:" >&2
+  grep -v " AA$" "$work/send.log" | head -5 >&2
+  exit 1
+fi
 for _ in $(seq 3600); do
   backlog=$(curl -sf http://127.0.0.1:6621/admin/messages/stats | python3 -c 'import json,sys; print(json.load(sys.stdin)["status_counts"].get("accepted", 0))')
   [ "$backlog" = 0 ] && break
@@ -75,7 +80,8 @@ resources=$(sqlite3 "$work/data/gateway.db" "SELECT count(*) FROM resources" 2>/
   python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM resources').fetchone()[0])" "$work/data/gateway.db")
 echo "== store: $resources resources from $patients messages in ${loaded}s" >&2
 
-patient_id=$(curl -sf 'http://127.0.0.1:6621/fhir/Patient?identifier=MRN0012345' |
+probe_mrn=$(printf 'MRN%07d' $((patients / 2)))
+patient_id=$(curl -sf "http://127.0.0.1:6621/fhir/Patient?identifier=$probe_mrn" |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["entry"][0]["resource"]["id"])')
 mkdir -p "$work/www"
 curl -sf "http://127.0.0.1:6621/fhir/Patient/$patient_id" >"$work/www/patient.json"
@@ -93,6 +99,8 @@ http {
 }
 EOF
 mkdir -p "$work/tmp"
+# nginx's workers run as an unprivileged user: let them read the file.
+chmod 755 "$work" "$work/www" && chmod 644 "$work/www/patient.json"
 nginx -c "$work/nginx.conf"
 
 # wrk prints "Requests/sec: N" and, with --latency, "50% 1.2ms" ... "99% 4ms".
@@ -122,7 +130,7 @@ EOF
 for connections in 1 16; do
   measure "nginx static Patient" "http://127.0.0.1:6622/patient.json" "$connections"
   measure "gateway read Patient/{id}" "http://127.0.0.1:6621/fhir/Patient/$patient_id" "$connections"
-  measure "gateway search Patient?identifier" "http://127.0.0.1:6621/fhir/Patient?identifier=MRN0012345" "$connections"
+  measure "gateway search Patient?identifier" "http://127.0.0.1:6621/fhir/Patient?identifier=$probe_mrn" "$connections"
   measure "gateway search Patient?family&_count=10" "http://127.0.0.1:6621/fhir/Patient?family=SMITH12&_count=10" "$connections"
   measure "gateway search Encounter?patient" "http://127.0.0.1:6621/fhir/Encounter?patient=$patient_id" "$connections"
 done
