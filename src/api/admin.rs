@@ -52,27 +52,34 @@ pub fn router() -> Router<ApiState> {
         .route("/admin/mappings/reload", post(reload))
 }
 
-fn require_admin(grant: Option<axum::Extension<Grant>>) -> Result<(), ApiError> {
+/// 403 unless the caller holds the admin scope (shared by every `/admin` route).
+pub(super) fn require_admin(grant: Option<axum::Extension<Grant>>) -> Result<(), ApiError> {
     match grant {
         Some(axum::Extension(grant)) if grant.is_admin() => Ok(()),
         _ => Err(ApiError::Forbidden("the operator API needs the admin scope".to_string())),
     }
 }
 
-fn answer(value: serde_json::Value) -> Response {
+/// A JSON answer counted as an `admin` interaction.
+pub(super) fn answer(value: serde_json::Value) -> Response {
     let mut response = Json(value).into_response();
     response.extensions_mut().insert(Interaction("admin"));
     response
 }
 
 /// Runs `work` with a fresh connection to the database on the blocking pool.
-async fn with_database<T: Send + 'static>(
+pub(super) async fn with_database<T, E>(
     state: &ApiState,
-    work: impl FnOnce(&rusqlite::Connection) -> Result<T, pipeline::Error> + Send + 'static,
-) -> Result<T, ApiError> {
+    work: impl FnOnce(&rusqlite::Connection) -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    E: From<crate::db::Error> + Send + 'static,
+    ApiError: From<E>,
+{
     let path = state.admin.database.clone();
     tokio::task::spawn_blocking(move || {
-        let connection = crate::db::open(&path).map_err(pipeline::Error::from)?;
+        let connection = crate::db::open(&path).map_err(E::from)?;
         work(&connection)
     })
     .await
@@ -111,7 +118,7 @@ async fn list(
 async fn stats(State(state): State<ApiState>, grant: Option<axum::Extension<Grant>>) -> Result<Response, ApiError> {
     require_admin(grant)?;
     let (counts, oldest) = with_database(&state, |connection| {
-        Ok((pipeline::status_counts(connection)?, pipeline::oldest_unprocessed_age(connection)?))
+        Ok::<_, pipeline::Error>((pipeline::status_counts(connection)?, pipeline::oldest_unprocessed_age(connection)?))
     })
     .await?;
     let counts: serde_json::Map<String, serde_json::Value> =

@@ -11,12 +11,13 @@
 //! | `POST /admin/outbox/requeue?status=dead` | requeue every dead row |
 
 use axum::extract::{Path, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Router;
 use serde_json::json;
 
-use super::{ApiError, ApiState, Interaction, Params};
+use super::admin::{answer, require_admin, with_database};
+use super::{ApiError, ApiState, Params};
 use crate::auth::Grant;
 use crate::outbox::{self, queue, Requeue};
 
@@ -38,33 +39,6 @@ impl From<outbox::Error> for ApiError {
         tracing::error!(error = %error, "outbox access failed");
         ApiError::Internal("the outbox failed; see the gateway log".to_string())
     }
-}
-
-fn require_admin(grant: Option<axum::Extension<Grant>>) -> Result<(), ApiError> {
-    match grant {
-        Some(axum::Extension(grant)) if grant.is_admin() => Ok(()),
-        _ => Err(ApiError::Forbidden("the operator API needs the admin scope".to_string())),
-    }
-}
-
-fn answer(value: serde_json::Value) -> Response {
-    let mut response = Json(value).into_response();
-    response.extensions_mut().insert(Interaction("admin"));
-    response
-}
-
-async fn with_database<T: Send + 'static>(
-    state: &ApiState,
-    work: impl FnOnce(&rusqlite::Connection) -> Result<T, outbox::Error> + Send + 'static,
-) -> Result<T, ApiError> {
-    let path = state.admin.database.clone();
-    tokio::task::spawn_blocking(move || {
-        let connection = crate::db::open(&path)?;
-        work(&connection)
-    })
-    .await
-    .map_err(|_| ApiError::Internal("admin task failed".to_string()))?
-    .map_err(ApiError::from)
 }
 
 fn parse_id(id: &str) -> Result<i64, ApiError> {
@@ -104,9 +78,10 @@ async fn list(
 
 async fn stats(State(state): State<ApiState>, grant: Option<axum::Extension<Grant>>) -> Result<Response, ApiError> {
     require_admin(grant)?;
-    let (counts, (_, oldest)) =
-        with_database(&state, |connection| Ok((queue::status_counts(connection)?, queue::backlog(connection)?)))
-            .await?;
+    let (counts, (_, oldest)) = with_database(&state, |connection| {
+        Ok::<_, outbox::Error>((queue::status_counts(connection)?, queue::backlog(connection)?))
+    })
+    .await?;
     let counts: serde_json::Map<String, serde_json::Value> =
         counts.into_iter().map(|(status, count)| (status, json!(count))).collect();
     let age = oldest.map(|created| (crate::telemetry::now_us() - created).max(0) as f64 / 1e6);
