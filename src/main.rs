@@ -286,15 +286,39 @@ fn admin_client(args: &AdminArgs) -> anyhow::Result<AdminClient> {
     AdminClient::new(admin::Target { base: args.http.clone(), token, ca_file: args.ca_file.clone() })
 }
 
+/// `path?limit=N[&status=S]` for the admin list routes.
+fn list_path(path: &str, status: Option<String>, limit: usize) -> anyhow::Result<String> {
+    let mut query = vec![("limit".to_string(), limit.to_string())];
+    if let Some(status) = status {
+        query.push(("status".to_string(), status));
+    }
+    Ok(format!("{path}?{}", serde_urlencoded::to_string(&query)?))
+}
+
+/// POSTs `path_of(id)` for each id, printing one line per id; fails if any was refused.
+async fn requeue_each(client: &AdminClient, ids: &[i64], path_of: impl Fn(i64) -> String) -> ExitCode {
+    let mut problems = 0;
+    for &id in ids {
+        match client.post(&path_of(id)).await {
+            Ok(_) => println!("{id} requeued"),
+            Err(error) => {
+                problems += 1;
+                eprintln!("{id}: {error:#}");
+            }
+        }
+    }
+    if problems > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 async fn messages(args: MessagesArgs) -> anyhow::Result<ExitCode> {
     let client = admin_client(&args.admin)?;
     match args.action {
         MessagesAction::List { status, limit } => {
-            let mut query = vec![("limit".to_string(), limit.to_string())];
-            if let Some(status) = status {
-                query.push(("status".to_string(), status));
-            }
-            let answer = client.get(&format!("/admin/messages?{}", serde_urlencoded::to_string(&query)?)).await?;
+            let answer = client.get(&list_path("/admin/messages", status, limit)?).await?;
             print!("{}", admin::format_list(&answer));
         }
         MessagesAction::Stats => {
@@ -308,19 +332,7 @@ async fn messages(args: MessagesArgs) -> anyhow::Result<ExitCode> {
                 let answer = client.post("/admin/messages/reprocess?status=failed").await?;
                 println!("requeued {}", answer["requeued"]);
             } else {
-                let mut problems = 0;
-                for id in ids {
-                    match client.post(&format!("/admin/messages/{id}/reprocess")).await {
-                        Ok(_) => println!("{id} requeued"),
-                        Err(error) => {
-                            problems += 1;
-                            eprintln!("{id}: {error:#}");
-                        }
-                    }
-                }
-                if problems > 0 {
-                    return Ok(ExitCode::FAILURE);
-                }
+                return Ok(requeue_each(&client, &ids, |id| format!("/admin/messages/{id}/reprocess")).await);
             }
         }
     }
@@ -331,11 +343,7 @@ async fn outbox(args: OutboxArgs) -> anyhow::Result<ExitCode> {
     let client = admin_client(&args.admin)?;
     match args.action {
         OutboxAction::List { status, limit } => {
-            let mut query = vec![("limit".to_string(), limit.to_string())];
-            if let Some(status) = status {
-                query.push(("status".to_string(), status));
-            }
-            let answer = client.get(&format!("/admin/outbox?{}", serde_urlencoded::to_string(&query)?)).await?;
+            let answer = client.get(&list_path("/admin/outbox", status, limit)?).await?;
             print!("{}", admin::format_outbox_list(&answer));
         }
         OutboxAction::Stats => {
@@ -349,19 +357,7 @@ async fn outbox(args: OutboxArgs) -> anyhow::Result<ExitCode> {
                 let answer = client.post("/admin/outbox/requeue?status=dead").await?;
                 println!("requeued {}", answer["requeued"]);
             } else {
-                let mut problems = 0;
-                for id in ids {
-                    match client.post(&format!("/admin/outbox/{id}/requeue")).await {
-                        Ok(_) => println!("{id} requeued"),
-                        Err(error) => {
-                            problems += 1;
-                            eprintln!("{id}: {error:#}");
-                        }
-                    }
-                }
-                if problems > 0 {
-                    return Ok(ExitCode::FAILURE);
-                }
+                return Ok(requeue_each(&client, &ids, |id| format!("/admin/outbox/{id}/requeue")).await);
             }
         }
     }
