@@ -182,6 +182,7 @@ impl Gateway {
                 engine,
                 sources: settings.mappings.clone(),
                 wakeup,
+                outbox: outbox.as_ref().map(Outbox::requeue_signal),
             }),
         };
         let router = http::router(http::AppState { metrics: metrics.clone(), readiness }).merge(api::router(api_state));

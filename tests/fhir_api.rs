@@ -268,6 +268,7 @@ fn state(database: &Path, verifier: Option<Arc<Verifier>>, auth: Option<auth::Se
             engine: pipeline::shared(Engine::builtin().unwrap()),
             sources,
             wakeup: Arc::new(Wakeup::default()),
+            outbox: None,
         }),
     }
 }

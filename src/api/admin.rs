@@ -39,6 +39,8 @@ pub struct AdminState {
     pub sources: Sources,
     /// Wakes the pipeline after a requeue.
     pub wakeup: Arc<Wakeup>,
+    /// Tells the aggregator push that outbox rows were requeued (`None`: no aggregator).
+    pub outbox: Option<crate::outbox::RequeueSignal>,
 }
 
 /// The `/admin` routes.

@@ -1,6 +1,6 @@
 //! The operator API of the aggregator push, under `/admin/outbox`. Every route needs the
-//! admin scope when auth is configured. The worker looks for requeued rows within
-//! [`crate::outbox::worker::POLL`].
+//! admin scope when auth is configured. A requeue tells the worker at once
+//! ([`crate::outbox::RequeueSignal`]).
 //!
 //! | route | what |
 //! |---|---|
@@ -118,6 +118,7 @@ async fn requeue_one(
         Some(0) => Err(ApiError::Unprocessable(vec![format!("outbox row {id} is already pending")])),
         Some(count) => {
             tracing::info!(outbox = id, "outbox row requeued by an operator");
+            signal_requeue(&state);
             Ok(answer(json!({ "requeued": count })))
         }
     }
@@ -137,5 +138,15 @@ async fn requeue_all(
     }
     let count = with_database(&state, |connection| queue::requeue(connection, &Requeue::AllDead)).await?;
     tracing::info!(count, "dead outbox rows requeued by an operator");
+    if count > 0 {
+        signal_requeue(&state);
+    }
     Ok(answer(json!({ "requeued": count })))
+}
+
+/// Tells the push worker to rebuild its schedule: requeued rows go before later ones.
+fn signal_requeue(state: &ApiState) {
+    if let Some(signal) = &state.admin.outbox {
+        signal.requeued();
+    }
 }

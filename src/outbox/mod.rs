@@ -31,18 +31,20 @@
 //! - **No PHI in logs**: outbox ids, a hash of the partition key, statuses and error kinds.
 //!
 //! Layout: [`config`] (the `aggregator:` section), [`queue`] (SQL), [`policy`] (pure
-//! rules), [`client`] (HTTP, TLS, auth), [`smart`] (SMART Backend Services), [`worker`].
+//! rules), [`client`] (HTTP, TLS, auth), [`smart`] (SMART Backend Services), [`schedule`] (which
+//! partitions are due, in memory), [`worker`].
 
 pub mod client;
 pub mod config;
 pub mod policy;
 pub mod queue;
+pub mod schedule;
 pub mod smart;
 pub mod worker;
 
 pub use config::{Config, OrderBy, Settings};
 pub use queue::{enqueue, partition_key, Requeue, SCHEMA};
-pub use worker::{Outbox, Producer, Status};
+pub use worker::{Outbox, Producer, RequeueSignal, Status};
 
 /// Outbox errors.
 #[derive(Debug, thiserror::Error)]

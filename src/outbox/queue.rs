@@ -122,46 +122,70 @@ pub struct Batch {
     pub rows: Vec<Row>,
 }
 
-/// Picks up to `capacity` partitions whose head row is due and not in `busy`, each with
-/// up to `max_messages` of its pending rows in order.
-pub fn pick(
-    connection: &Connection,
-    busy: &std::collections::HashSet<String>,
-    capacity: usize,
-    max_messages: usize,
-    now_us: i64,
-) -> Result<Vec<Batch>, Error> {
-    let mut heads = connection.prepare_cached(
-        "SELECT o.partition_key FROM outbox o
-         JOIN (SELECT partition_key, min(id) AS head FROM outbox WHERE status = 'pending' GROUP BY partition_key) h
-           ON o.id = h.head
-         WHERE o.next_attempt_at_us <= ?1
-         ORDER BY o.id LIMIT ?2",
+/// The head (oldest pending row) of a partition, as the worker's schedule keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// Partition key.
+    pub partition_key: String,
+    /// Outbox id of the head row.
+    pub id: i64,
+    /// When the head may be sent (0: now).
+    pub due_us: i64,
+}
+
+/// The head of every partition with pending rows, and the largest outbox id at that moment
+/// (one read transaction, so rows queued later are exactly those with a larger id).
+pub fn heads(connection: &Connection) -> Result<(Vec<Head>, i64), Error> {
+    let transaction = rusqlite::Transaction::new_unchecked(connection, rusqlite::TransactionBehavior::Deferred)?;
+    let heads = {
+        let mut statement = transaction.prepare_cached(
+            "SELECT o.partition_key, o.id, o.next_attempt_at_us FROM outbox o
+             JOIN (SELECT min(id) AS head FROM outbox WHERE status = 'pending' GROUP BY partition_key) h
+               ON o.id = h.head",
+        )?;
+        let rows = statement.query_map([], head_from_row)?;
+        rows.collect::<Result<Vec<_>, _>>()?
+    };
+    let max_id: i64 = transaction.query_row("SELECT coalesce(max(id), 0) FROM outbox", [], |row| row.get(0))?;
+    transaction.commit()?;
+    Ok((heads, max_id))
+}
+
+/// The head of one partition, if it has pending rows.
+pub fn head_of(connection: &Connection, partition_key: &str) -> Result<Option<Head>, Error> {
+    Ok(connection
+        .prepare_cached(
+            "SELECT partition_key, id, next_attempt_at_us FROM outbox
+             WHERE status = 'pending' AND partition_key = ?1 ORDER BY id LIMIT 1",
+        )?
+        .query_row([partition_key], head_from_row)
+        .optional()?)
+}
+
+/// Pending rows queued after outbox id `after`, oldest first, at most `limit`.
+pub fn pending_after(connection: &Connection, after: i64, limit: usize) -> Result<Vec<Head>, Error> {
+    let mut statement = connection.prepare_cached(
+        "SELECT partition_key, id, next_attempt_at_us FROM outbox
+         WHERE id > ?1 AND status = 'pending' ORDER BY id LIMIT ?2",
     )?;
-    let limit = (capacity + busy.len()) as i64;
-    let keys: Vec<String> = heads.query_map(params![now_us, limit], |row| row.get(0))?.collect::<Result<_, _>>()?;
-    let mut rows_of = connection.prepare_cached(
+    let rows = statement.query_map(params![after, limit as i64], head_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+fn head_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Head> {
+    Ok(Head { partition_key: row.get(0)?, id: row.get(1)?, due_us: row.get(2)? })
+}
+
+/// Up to `max_messages` pending rows of a partition, oldest first.
+pub fn rows_of(connection: &Connection, partition_key: &str, max_messages: usize) -> Result<Vec<Row>, Error> {
+    let mut statement = connection.prepare_cached(
         "SELECT id, bundle, attempts, created_at_us FROM outbox
          WHERE status = 'pending' AND partition_key = ?1 ORDER BY id LIMIT ?2",
     )?;
-    let mut batches = Vec::new();
-    for key in keys {
-        if batches.len() >= capacity {
-            break;
-        }
-        if busy.contains(&key) {
-            continue;
-        }
-        let rows: Vec<Row> = rows_of
-            .query_map(params![key, max_messages.max(1) as i64], |row| {
-                Ok(Row { id: row.get(0)?, bundle: row.get(1)?, attempts: row.get(2)?, created_at_us: row.get(3)? })
-            })?
-            .collect::<Result<_, _>>()?;
-        if !rows.is_empty() {
-            batches.push(Batch { partition_key: key, rows });
-        }
-    }
-    Ok(batches)
+    let rows = statement.query_map(params![partition_key, max_messages.max(1) as i64], |row| {
+        Ok(Row { id: row.get(0)?, bundle: row.get(1)?, attempts: row.get(2)?, created_at_us: row.get(3)? })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Runs `work` in one IMMEDIATE transaction (takes the write lock up front, so the busy
@@ -184,61 +208,81 @@ fn clip(text: &str) -> &str {
     &text[..end]
 }
 
-/// Marks rows delivered.
-pub fn mark_delivered(
-    connection: &Connection,
-    ids: &[i64],
-    status_code: u16,
-    response: &str,
-    now_us: i64,
-) -> Result<(), Error> {
-    write(connection, |connection| {
-        let mut statement = connection.prepare_cached(
-            "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, last_status = ?2, response = ?3,
-            last_error = NULL, delivered_at_us = ?4 WHERE id = ?1 AND status = 'pending'",
-        )?;
-        for id in ids {
-            statement.execute(params![id, status_code, clip(response), now_us])?;
-        }
-        Ok(())
-    })
+/// What became of one request's rows, as [`record`] writes it.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Accepted: the rows are delivered.
+    Delivered {
+        /// Outbox ids.
+        ids: Vec<i64>,
+        /// HTTP status.
+        status_code: u16,
+        /// The aggregator's transaction-response (cut at 64 KiB).
+        response: String,
+        /// When.
+        now_us: i64,
+    },
+    /// Failed for now: another attempt at `next_attempt_at_us`.
+    Retry {
+        /// Outbox ids.
+        ids: Vec<i64>,
+        /// HTTP status, when there was an answer.
+        status_code: Option<u16>,
+        /// What went wrong.
+        error: String,
+        /// When to try again.
+        next_attempt_at_us: i64,
+    },
+    /// Refused: the rows become dead letters, keeping the aggregator's answer.
+    Dead {
+        /// Outbox ids.
+        ids: Vec<i64>,
+        /// HTTP status.
+        status_code: u16,
+        /// What went wrong.
+        error: String,
+        /// The aggregator's OperationOutcome (cut at 64 KiB).
+        response: String,
+    },
 }
 
-/// Schedules another attempt of rows at `next_attempt_at_us`.
-pub fn mark_retry(
-    connection: &Connection,
-    ids: &[i64],
-    status_code: Option<u16>,
-    error: &str,
-    next_attempt_at_us: i64,
-) -> Result<(), Error> {
+/// Writes outcomes in one transaction: one fsync for every request that finished since
+/// the last write. Only pending rows change (a row requeued or pruned meanwhile is left).
+pub fn record(connection: &Connection, outcomes: &[Outcome]) -> Result<(), Error> {
+    if outcomes.is_empty() {
+        return Ok(());
+    }
     write(connection, |connection| {
-        let mut statement = connection.prepare_cached(
-            "UPDATE outbox SET attempts = attempts + 1, last_status = ?2, last_error = ?3, next_attempt_at_us = ?4
-         WHERE id = ?1 AND status = 'pending'",
-        )?;
-        for id in ids {
-            statement.execute(params![id, status_code, error, next_attempt_at_us])?;
-        }
-        Ok(())
-    })
-}
-
-/// Dead-letters rows, keeping the aggregator's answer.
-pub fn mark_dead(
-    connection: &Connection,
-    ids: &[i64],
-    status_code: u16,
-    error: &str,
-    response: &str,
-) -> Result<(), Error> {
-    write(connection, |connection| {
-        let mut statement = connection.prepare_cached(
-        "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = ?2, last_error = ?3, response = ?4
-         WHERE id = ?1 AND status = 'pending'",
-    )?;
-        for id in ids {
-            statement.execute(params![id, status_code, error, clip(response)])?;
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Delivered { ids, status_code, response, now_us } => {
+                    let mut statement = connection.prepare_cached(
+                        "UPDATE outbox SET status = 'delivered', attempts = attempts + 1, last_status = ?2,
+                         response = ?3, last_error = NULL, delivered_at_us = ?4 WHERE id = ?1 AND status = 'pending'",
+                    )?;
+                    for id in ids {
+                        statement.execute(params![id, status_code, clip(response), now_us])?;
+                    }
+                }
+                Outcome::Retry { ids, status_code, error, next_attempt_at_us } => {
+                    let mut statement = connection.prepare_cached(
+                        "UPDATE outbox SET attempts = attempts + 1, last_status = ?2, last_error = ?3,
+                         next_attempt_at_us = ?4 WHERE id = ?1 AND status = 'pending'",
+                    )?;
+                    for id in ids {
+                        statement.execute(params![id, status_code, error, next_attempt_at_us])?;
+                    }
+                }
+                Outcome::Dead { ids, status_code, error, response } => {
+                    let mut statement = connection.prepare_cached(
+                        "UPDATE outbox SET status = 'dead', attempts = attempts + 1, last_status = ?2,
+                         last_error = ?3, response = ?4 WHERE id = ?1 AND status = 'pending'",
+                    )?;
+                    for id in ids {
+                        statement.execute(params![id, status_code, error, clip(response)])?;
+                    }
+                }
+            }
         }
         Ok(())
     })
@@ -274,11 +318,14 @@ pub fn requeue(connection: &Connection, which: &Requeue) -> Result<usize, Error>
     }
 }
 
-/// Deletes delivered rows delivered before `cutoff_us`, at most `limit` at a time.
+/// Deletes delivered rows delivered before `cutoff_us`, at most `limit` at a time. The
+/// newest row is always kept: SQLite gives a new row the largest id plus one, so keeping
+/// it means an outbox id (and the idempotency key made from it) is never used twice, and
+/// the worker's schedule can find new rows as those above the largest id it has seen.
 pub fn prune(connection: &Connection, cutoff_us: i64, limit: usize) -> Result<usize, Error> {
     Ok(connection.execute(
         "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox
-            WHERE status = 'delivered' AND delivered_at_us < ?1 LIMIT ?2)",
+            WHERE status = 'delivered' AND delivered_at_us < ?1 AND id < (SELECT max(id) FROM outbox) LIMIT ?2)",
         params![cutoff_us, limit as i64],
     )?)
 }
@@ -428,41 +475,41 @@ mod tests {
     }
 
     #[test]
-    fn enqueue_once_pick_in_order_and_skip_busy_or_backed_off_partitions() {
+    fn enqueue_once_then_dead_letter_requeue_deliver_and_prune() {
         let directory = tempfile::tempdir().unwrap();
         let mut connection = crate::db::open(&directory.path().join("gateway.db")).unwrap();
         assert!(queued(&mut connection, 1, "A"));
         assert!(!queued(&mut connection, 1, "A"), "a message is never queued twice");
         queued(&mut connection, 2, "B");
         queued(&mut connection, 3, "A");
-        queued(&mut connection, 4, "C");
+        let (heads_now, max_id) = heads(&connection).unwrap();
+        let mut keys: Vec<(String, i64)> = heads_now.into_iter().map(|head| (head.partition_key, head.id)).collect();
+        keys.sort();
+        assert_eq!(keys, vec![("A".to_string(), 1), ("B".to_string(), 2)]);
+        assert_eq!(max_id, 3);
+        assert_eq!(rows_of(&connection, "A", 20).unwrap().iter().map(|row| row.id).collect::<Vec<_>>(), vec![1, 3]);
         let now = crate::telemetry::now_us();
-        let none = std::collections::HashSet::new();
-        let batches = pick(&connection, &none, 8, 20, now).unwrap();
-        let shape: Vec<(String, Vec<i64>)> = batches
-            .iter()
-            .map(|batch| (batch.partition_key.clone(), batch.rows.iter().map(|row| row.id).collect()))
-            .collect();
-        assert_eq!(shape, vec![("A".into(), vec![1, 3]), ("B".into(), vec![2]), ("C".into(), vec![4])]);
-        // A retried head holds back its whole partition.
-        mark_retry(&connection, &[1], Some(503), "503", now + 60_000_000).unwrap();
-        let busy: std::collections::HashSet<String> = ["B".to_string()].into();
-        let batches = pick(&connection, &busy, 8, 1, now).unwrap();
-        assert_eq!(batches.len(), 1);
-        assert_eq!(batches[0].rows[0].id, 4);
-        // Dead rows do not block; requeue makes them pending and due.
-        mark_dead(&connection, &[1], 400, "400", "{\"resourceType\":\"OperationOutcome\"}").unwrap();
-        let batches = pick(&connection, &none, 8, 5, now).unwrap();
-        assert_eq!(batches[0].rows[0].id, 2);
-        assert_eq!(batches[1].rows[0].id, 3);
+        let refused = "{\"resourceType\":\"OperationOutcome\"}".to_string();
+        record(
+            &connection,
+            &[Outcome::Dead { ids: vec![1], status_code: 400, error: "400".into(), response: refused }],
+        )
+        .unwrap();
+        // Dead rows do not block their partition.
+        assert_eq!(head_of(&connection, "A").unwrap().unwrap().id, 3);
         let dead = detail(&connection, 1).unwrap().unwrap();
         assert_eq!(dead.summary.status, "dead");
         assert_eq!(dead.response.unwrap()["resourceType"], "OperationOutcome");
         assert_eq!(requeue(&connection, &Requeue::AllDead).unwrap(), 1);
-        assert_eq!(pick(&connection, &none, 8, 5, now).unwrap()[0].rows[0].id, 1);
-        mark_delivered(&connection, &[1, 3], 200, "{}", now - 10).unwrap();
-        assert_eq!(backlog(&connection).unwrap().0, 2);
-        assert_eq!(prune(&connection, now, 100).unwrap(), 2);
+        assert_eq!(head_of(&connection, "A").unwrap().unwrap().id, 1, "a requeued row keeps its place");
+        assert_eq!(pending_after(&connection, 1, 10).unwrap().len(), 2);
+        record(
+            &connection,
+            &[Outcome::Delivered { ids: vec![1, 3], status_code: 200, response: "{}".into(), now_us: now - 10 }],
+        )
+        .unwrap();
+        assert_eq!(backlog(&connection).unwrap().0, 1);
+        assert_eq!(prune(&connection, now, 100).unwrap(), 1, "the newest row (3) is kept");
         assert_eq!(list(&connection, None, 10).unwrap().len(), 2);
     }
 }

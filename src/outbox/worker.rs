@@ -1,10 +1,13 @@
-//! The delivery worker: a tokio task that picks due partitions, POSTs their Bundles (up to
-//! `max_in_flight` partitions at once, one request per partition at a time), and records
-//! each outcome. SQLite work runs on blocking threads with the worker's own connection.
+//! The delivery worker: a tokio task that takes due partitions from its [`Schedule`], POSTs
+//! their Bundles (up to `max_in_flight` partitions at once, one request per partition at a
+//! time), and records the outcomes. Each turn of its loop is one blocking step on the
+//! worker's own connection: record every request that finished since the last turn (one
+//! transaction, one fsync), schedule those partitions' next heads, learn of newly queued
+//! rows, and take the next due partitions.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,11 +20,12 @@ use tokio_util::sync::CancellationToken;
 use super::client::{Attempt, Client};
 use super::config::{OrderBy, Settings};
 use super::policy::{self, Verdict};
-use super::queue::{self, Batch, Row};
+use super::queue::{self, Batch, Outcome, Row};
+use super::schedule::Schedule;
 use super::Error;
 use crate::telemetry::{self, Metrics};
 
-/// How often an idle worker looks for due rows nobody signalled (retries, requeues).
+/// How often an idle worker looks for rows nobody signalled.
 pub const POLL: Duration = Duration::from_millis(200);
 /// How often the gauges and the readiness figure are refreshed.
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
@@ -91,27 +95,50 @@ impl Status {
 pub struct Outbox {
     stop: CancellationToken,
     wakeup: Arc<Notify>,
+    reload: Arc<AtomicBool>,
     status: Arc<Status>,
     order_by: OrderBy,
     drain_within: Duration,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Tells the worker that an operator made rows pending again: they may sit before the
+/// heads it knows, so it rebuilds its schedule from the table.
+#[derive(Clone, Debug)]
+pub struct RequeueSignal {
+    reload: Arc<AtomicBool>,
+    wakeup: Arc<Notify>,
+}
+
+impl RequeueSignal {
+    /// Rows were requeued.
+    pub fn requeued(&self) {
+        self.reload.store(true, Ordering::Release);
+        self.wakeup.notify_one();
+    }
+}
+
 struct Shared {
     client: Client,
-    database: Arc<Mutex<Connection>>,
+    database: Arc<Mutex<Local>>,
     metrics: Arc<Metrics>,
     settings: Settings,
 }
 
+/// The worker's connection and the schedule read through it.
+struct Local {
+    connection: Connection,
+    schedule: Schedule,
+}
+
 async fn with_database<T: Send + 'static>(
-    database: &Arc<Mutex<Connection>>,
-    work: impl FnOnce(&Connection) -> Result<T, Error> + Send + 'static,
+    database: &Arc<Mutex<Local>>,
+    work: impl FnOnce(&mut Local) -> Result<T, Error> + Send + 'static,
 ) -> Result<T, Error> {
     let database = database.clone();
     tokio::task::spawn_blocking(move || {
-        let connection = database.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        work(&connection)
+        let mut local = database.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        work(&mut local)
     })
     .await
     .map_err(|_| Error::Task)?
@@ -127,12 +154,15 @@ impl Outbox {
             Arc::new(Status { oldest_pending_created_us: AtomicI64::new(0), degraded_after: settings.degraded_after });
         let stop = CancellationToken::new();
         let wakeup = Arc::new(Notify::new());
+        let reload = Arc::new(AtomicBool::new(false));
         let order_by = settings.order_by;
         let drain_within = settings.timeout * 2 + Duration::from_secs(5);
-        let shared = Arc::new(Shared { client, database: Arc::new(Mutex::new(connection)), metrics, settings });
-        let task = tokio::spawn(run(shared, stop.clone(), wakeup.clone(), status.clone()));
+        let local = Local { connection, schedule: Schedule::new() };
+        let shared = Arc::new(Shared { client, database: Arc::new(Mutex::new(local)), metrics, settings });
+        let signals = Signals { stop: stop.clone(), wakeup: wakeup.clone(), reload: reload.clone() };
+        let task = tokio::spawn(run(shared, signals, status.clone()));
         tracing::info!("aggregator push started");
-        Ok(Outbox { stop, wakeup, status, order_by, drain_within, task })
+        Ok(Outbox { stop, wakeup, reload, status, order_by, drain_within, task })
     }
 
     /// The producer the pipeline queues with.
@@ -145,9 +175,9 @@ impl Outbox {
         self.status.clone()
     }
 
-    /// Wakes the worker (after an operator requeue).
-    pub fn wakeup(&self) -> Arc<Notify> {
-        self.wakeup.clone()
+    /// What the admin API calls after requeueing rows.
+    pub fn requeue_signal(&self) -> RequeueSignal {
+        RequeueSignal { reload: self.reload.clone(), wakeup: self.wakeup.clone() }
     }
 
     /// Stops picking new work, lets in-flight requests finish (or time out) and waits.
@@ -161,32 +191,48 @@ impl Outbox {
     }
 }
 
-async fn run(shared: Arc<Shared>, stop: CancellationToken, wakeup: Arc<Notify>, status: Arc<Status>) {
-    let mut tasks: JoinSet<()> = JoinSet::new();
+struct Signals {
+    stop: CancellationToken,
+    wakeup: Arc<Notify>,
+    reload: Arc<AtomicBool>,
+}
+
+/// What a delivery task hands back to the loop.
+struct Finished {
+    partition_key: String,
+    /// The outcome to record; `None` when the task recorded its rows itself (a refused
+    /// merged request retried message by message) or failed.
+    sent: Option<Sent>,
+}
+
+struct Sent {
+    outcome: Outcome,
+    /// Creation times of delivered rows, for the latency histogram.
+    created_at_us: Vec<i64>,
+}
+
+/// What one turn's blocking step decided.
+struct Turn {
+    batches: Vec<Batch>,
+    delivered_created_at_us: Vec<i64>,
+    next_due_us: Option<i64>,
+}
+
+async fn run(shared: Arc<Shared>, signals: Signals, status: Arc<Status>) {
+    let mut tasks: JoinSet<Finished> = JoinSet::new();
     let mut busy: HashMap<tokio::task::Id, String> = HashMap::new();
+    let mut finished: Vec<Finished> = Vec::new();
     let mut gauges_at = Instant::now() - GAUGES_EVERY;
     let mut pruned_at = Instant::now() - PRUNE_EVERY;
     let max_in_flight = shared.settings.max_in_flight;
-    let max_messages = shared.settings.max_bundle_messages;
     loop {
         let capacity = max_in_flight.saturating_sub(tasks.len());
-        if capacity > 0 {
-            let busy_keys: HashSet<String> = busy.values().cloned().collect();
-            let now_us = telemetry::now_us();
-            let picked = with_database(&shared.database, move |connection| {
-                queue::pick(connection, &busy_keys, capacity, max_messages, now_us)
-            })
-            .await;
-            match picked {
-                Ok(batches) => {
-                    for batch in batches {
-                        let key = batch.partition_key.clone();
-                        let handle = tasks.spawn(deliver(shared.clone(), batch));
-                        busy.insert(handle.id(), key);
-                    }
-                }
-                Err(error) => tracing::error!(error = %error, "outbox pick failed"),
-            }
+        let reload = signals.reload.swap(false, Ordering::AcqRel);
+        let turn = turn(&shared, std::mem::take(&mut finished), capacity, reload).await;
+        for batch in turn.batches {
+            let key = batch.partition_key.clone();
+            let handle = tasks.spawn(deliver(shared.clone(), batch));
+            busy.insert(handle.id(), key);
         }
         if gauges_at.elapsed() >= GAUGES_EVERY {
             gauges_at = Instant::now();
@@ -196,31 +242,114 @@ async fn run(shared: Arc<Shared>, stop: CancellationToken, wakeup: Arc<Notify>, 
             pruned_at = Instant::now();
             prune(&shared).await;
         }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                let id = match joined {
-                    Ok((id, ())) => id,
-                    Err(error) => {
-                        tracing::error!(error = %error, "outbox delivery task failed");
-                        error.id()
-                    }
-                };
-                busy.remove(&id);
+        let pause = match turn.next_due_us {
+            Some(due_us) => {
+                Duration::from_micros((due_us - telemetry::now_us()).clamp(1_000, POLL.as_micros() as i64) as u64)
             }
-            _ = wakeup.notified() => {}
-            _ = tokio::time::sleep(POLL) => {}
+            None => POLL,
+        };
+        tokio::select! {
+            _ = signals.stop.cancelled() => break,
+            Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                finished.push(joined_task(joined, &mut busy));
+                while let Some(joined) = tasks.try_join_next_with_id() {
+                    finished.push(joined_task(joined, &mut busy));
+                }
+            }
+            _ = signals.wakeup.notified() => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
-    // Shutdown: no new picks; in-flight requests finish or reach their timeout (the
-    // caller bounds the wait). Unsent rows stay pending for the next start.
-    while tasks.join_next().await.is_some() {}
+    // Shutdown: no new requests; in-flight ones finish or reach their timeout (the caller
+    // bounds the wait) and are recorded. Unsent rows stay pending for the next start.
+    while let Some(joined) = tasks.join_next_with_id().await {
+        finished.push(joined_task(joined, &mut busy));
+    }
+    turn(&shared, finished, 0, false).await;
     refresh_gauges(&shared, &status).await;
     tracing::info!("aggregator push stopped");
 }
 
+fn joined_task(
+    joined: Result<(tokio::task::Id, Finished), tokio::task::JoinError>,
+    busy: &mut HashMap<tokio::task::Id, String>,
+) -> Finished {
+    match joined {
+        Ok((id, finished)) => {
+            busy.remove(&id);
+            finished
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "outbox delivery task failed; its rows stay pending");
+            Finished { partition_key: busy.remove(&error.id()).unwrap_or_default(), sent: None }
+        }
+    }
+}
+
+/// One blocking step: record what finished, schedule those partitions again, learn of new
+/// rows and take up to `capacity` due partitions.
+async fn turn(shared: &Shared, finished: Vec<Finished>, capacity: usize, reload: bool) -> Turn {
+    let max_messages = shared.settings.max_bundle_messages;
+    let now_us = telemetry::now_us();
+    let stepped = with_database(&shared.database, move |local| {
+        let mut outcomes = Vec::new();
+        let mut delivered_created_at_us = Vec::new();
+        let mut keys = Vec::with_capacity(finished.len());
+        for done in finished {
+            if let Some(sent) = done.sent {
+                if matches!(sent.outcome, Outcome::Delivered { .. }) {
+                    delivered_created_at_us.extend(sent.created_at_us);
+                }
+                outcomes.push(sent.outcome);
+            }
+            keys.push(done.partition_key);
+        }
+        let Local { connection, schedule } = local;
+        if let Err(error) = queue::record(connection, &outcomes) {
+            // The rows stay pending and are sent again: harmless, the PUTs are idempotent.
+            tracing::error!(error = %error, requests = outcomes.len(), "cannot record delivery outcomes");
+            delivered_created_at_us.clear();
+        }
+        for key in &keys {
+            if let Err(error) = schedule.finished(connection, key) {
+                tracing::error!(error = %error, "cannot look up a partition's next Bundle");
+                schedule.abandon(key);
+            }
+        }
+        if reload {
+            schedule.invalidate();
+        }
+        let batches = match schedule.refresh(connection) {
+            Ok(()) if capacity > 0 => schedule.take(connection, capacity, max_messages, now_us),
+            Ok(()) => Ok(Vec::new()),
+            Err(error) => Err(error),
+        }
+        .unwrap_or_else(|error| {
+            tracing::error!(error = %error, "outbox schedule failed; rebuilding it");
+            schedule.invalidate();
+            Vec::new()
+        });
+        Ok(Turn { batches, delivered_created_at_us, next_due_us: schedule.next_due_us() })
+    })
+    .await;
+    match stepped {
+        Ok(turn) => {
+            let metrics = &shared.metrics;
+            metrics.outbox_deliveries.inc_by(turn.delivered_created_at_us.len() as u64);
+            for created_at_us in &turn.delivered_created_at_us {
+                metrics.outbox_delivery_latency.observe((now_us - created_at_us).max(0) as f64 / 1e6);
+            }
+            turn
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "outbox worker step failed");
+            Turn { batches: Vec::new(), delivered_created_at_us: Vec::new(), next_due_us: None }
+        }
+    }
+}
+
 async fn refresh_gauges(shared: &Shared, status: &Status) {
-    match with_database(&shared.database, queue::backlog).await {
+    match with_database(&shared.database, |local| queue::backlog(&local.connection)).await {
         Ok((depth, oldest)) => {
             shared.metrics.outbox_depth.set(depth);
             let oldest = oldest.unwrap_or(0);
@@ -235,7 +364,8 @@ async fn refresh_gauges(shared: &Shared, status: &Status) {
 async fn prune(shared: &Shared) {
     let cutoff_us = telemetry::now_us() - shared.settings.retention.as_micros().min(i64::MAX as u128) as i64;
     loop {
-        match with_database(&shared.database, move |connection| queue::prune(connection, cutoff_us, PRUNE_CHUNK)).await
+        match with_database(&shared.database, move |local| queue::prune(&local.connection, cutoff_us, PRUNE_CHUNK))
+            .await
         {
             Ok(count) if count == PRUNE_CHUNK => continue,
             Ok(count) => {
@@ -279,47 +409,55 @@ async fn send(shared: &Shared, rows: &[Row]) -> Attempt {
     }
 }
 
-async fn deliver(shared: Arc<Shared>, batch: Batch) {
+async fn deliver(shared: Arc<Shared>, batch: Batch) -> Finished {
     let attempt = send(&shared, &batch.rows).await;
     if attempt.verdict == Verdict::Reject && batch.rows.len() > 1 {
-        // One refused message must not take the others down with it: send them one by one.
+        // One refused message must not take the others down with it: send them one by one,
+        // recording each before the next (a retry stops the partition there).
         for row in &batch.rows {
             let single = send(&shared, std::slice::from_ref(row)).await;
             let stop = single.verdict == Verdict::Retry;
-            record(&shared, &batch.partition_key, std::slice::from_ref(row), single).await;
+            let sent = outcome_of(&shared, &batch.partition_key, std::slice::from_ref(row), single);
+            let delivered = matches!(sent.outcome, Outcome::Delivered { .. });
+            let outcome = sent.outcome;
+            let recorded =
+                with_database(&shared.database, move |local| queue::record(&local.connection, &[outcome])).await;
+            match recorded {
+                Ok(()) if delivered => {
+                    shared.metrics.outbox_deliveries.inc();
+                    let latency = (telemetry::now_us() - row.created_at_us).max(0) as f64 / 1e6;
+                    shared.metrics.outbox_delivery_latency.observe(latency);
+                }
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::error!(outbox = row.id, error = %error, "cannot record the delivery outcome");
+                    break;
+                }
+            }
             if stop {
                 break;
             }
         }
-        return;
+        return Finished { partition_key: batch.partition_key, sent: None };
     }
-    record(&shared, &batch.partition_key, &batch.rows, attempt).await;
+    let sent = outcome_of(&shared, &batch.partition_key, &batch.rows, attempt);
+    Finished { partition_key: batch.partition_key, sent: Some(sent) }
 }
 
-async fn record(shared: &Shared, partition_key: &str, rows: &[Row], attempt: Attempt) {
+/// The outcome to record for `rows` after `attempt`; logs failures and counts retries and
+/// dead letters (deliveries are counted once recorded).
+fn outcome_of(shared: &Shared, partition_key: &str, rows: &[Row], attempt: Attempt) -> Sent {
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
     let first = ids.first().copied().unwrap_or(0);
     let partition = queue::partition_hash(partition_key);
     let now_us = telemetry::now_us();
     let metrics = &shared.metrics;
     let status_code = attempt.status;
-    let recorded = match attempt.verdict {
+    let outcome = match attempt.verdict {
         Verdict::Delivered => {
-            let response = attempt.response;
             let code = status_code.unwrap_or(200);
-            let result = with_database(&shared.database, {
-                let ids = ids.clone();
-                move |connection| queue::mark_delivered(connection, &ids, code, &response, now_us)
-            })
-            .await;
-            if result.is_ok() {
-                metrics.outbox_deliveries.inc_by(ids.len() as u64);
-                for row in rows {
-                    metrics.outbox_delivery_latency.observe((now_us - row.created_at_us).max(0) as f64 / 1e6);
-                }
-                tracing::debug!(outbox = first, messages = ids.len(), partition = %partition, status = code, "delivered");
-            }
-            result
+            tracing::debug!(outbox = first, messages = ids.len(), partition = %partition, status = code, "delivered");
+            Outcome::Delivered { ids, status_code: code, response: attempt.response, now_us }
         }
         Verdict::Retry => {
             let failures = rows.first().map_or(1, |row| row.attempts + 1).clamp(1, i64::from(u32::MAX)) as u32;
@@ -327,18 +465,13 @@ async fn record(shared: &Shared, partition_key: &str, rows: &[Row], attempt: Att
             if let Some(retry_after) = attempt.retry_after {
                 delay = delay.max(retry_after);
             }
-            let next_us = now_us + delay.as_micros().min(i64::MAX as u128 / 2) as i64;
+            let next_attempt_at_us = now_us + delay.as_micros().min(i64::MAX as u128 / 2) as i64;
             metrics.outbox_retries.inc();
             tracing::warn!(
                 outbox = first, messages = ids.len(), partition = %partition, status = ?status_code,
                 error = %attempt.error, retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry"
             );
-            let error = attempt.error;
-            with_database(&shared.database, {
-                let ids = ids.clone();
-                move |connection| queue::mark_retry(connection, &ids, status_code, &error, next_us)
-            })
-            .await
+            Outcome::Retry { ids, status_code, error: attempt.error, next_attempt_at_us }
         }
         Verdict::Reject => {
             metrics.outbox_dead_letters.inc_by(ids.len() as u64);
@@ -346,16 +479,13 @@ async fn record(shared: &Shared, partition_key: &str, rows: &[Row], attempt: Att
                 outbox = first, messages = ids.len(), partition = %partition, status = ?status_code,
                 error = %attempt.error, "aggregator refused the Bundle; dead-lettered (see /admin/outbox?status=dead)"
             );
-            let (error, response) = (attempt.error, attempt.response);
-            with_database(&shared.database, {
-                let ids = ids.clone();
-                move |connection| queue::mark_dead(connection, &ids, status_code.unwrap_or(0), &error, &response)
-            })
-            .await
+            Outcome::Dead {
+                ids,
+                status_code: status_code.unwrap_or(0),
+                error: attempt.error,
+                response: attempt.response,
+            }
         }
     };
-    if let Err(error) = recorded {
-        // The rows stay pending and are sent again: harmless, the PUTs are idempotent.
-        tracing::error!(outbox = first, error = %error, "cannot record the delivery outcome");
-    }
+    Sent { outcome, created_at_us: rows.iter().map(|row| row.created_at_us).collect() }
 }
