@@ -418,7 +418,7 @@ pub fn require(access: Access, what: &str) -> Result<Access, ApiError> {
 
 /// The types this API serves: those with search parameter definitions.
 pub fn check_type(resource_type: &str) -> Result<(), ApiError> {
-    if crate::store::params::searchable_types().contains(&resource_type) {
+    if crate::store::params::searchable_types().binary_search(&resource_type).is_ok() {
         Ok(())
     } else {
         Err(ApiError::NotFound(format!("resource type {resource_type} is not supported by this server")))
