@@ -51,7 +51,8 @@ pub enum StoreError {
     Closed,
 }
 
-/// Schema of the resource store and its search indexes (migration 2 in [`crate::db`]).
+/// Schema of the resource store and its search indexes (migration 2 in [`crate::db`];
+/// [`REFERENCE_BY_ID`], migration 5, changes one index).
 ///
 /// `resources.rid` is the internal row id: stable for the life of a resource (updates,
 /// deletions and re-creations keep it), it keys every index row and is the final sort key
@@ -101,6 +102,19 @@ pub const SCHEMA: &str = "CREATE TABLE resources (
     CREATE TABLE idx_number (rid INTEGER NOT NULL, param TEXT NOT NULL, value REAL NOT NULL, system TEXT, code TEXT);
     CREATE INDEX idx_number_by_value ON idx_number (param, value);
     CREATE INDEX idx_number_by_resource ON idx_number (rid, param);";
+
+/// Migration 5 of the resource store: reference searches look up `(param, target_id)`,
+/// with the target type only when the search names it (`subject=123` matches any type,
+/// `subject=Patient/123` one). This index serves both forms; it replaces
+/// `idx_reference_by_param`, whose `(param, target_type, target_id)` order left a search by
+/// bare id reading every row of the parameter.
+///
+/// It deliberately does not carry `rid`: without statistics SQLite guesses that `param = ?`
+/// alone is selective, and would prefer such a covering index to `idx_reference_by_resource`
+/// for `_include` (`rid = ? AND param = ?`), reading the whole parameter.
+pub const REFERENCE_BY_ID: &str =
+    "CREATE INDEX idx_reference_by_param_id ON idx_reference (param, target_id, target_type);
+    DROP INDEX idx_reference_by_param;";
 
 /// One version of a resource as stored.
 #[derive(Clone, Debug, PartialEq)]
