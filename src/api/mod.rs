@@ -4,7 +4,8 @@
 //! so create, update, patch and delete are answered 405. Every error, including those of
 //! axum's own extractors, is an OperationOutcome with the status that fits it
 //! ([`ApiError`]). Responses are `application/fhir+json` (JSON is the only format; a
-//! request for XML gets 406), compressed with gzip when the client accepts it.
+//! request for XML gets 406), compressed with gzip when the client accepts it and the
+//! body has at least [`COMPRESS_FROM_BYTES`].
 //!
 //! Reads and vreads look the resource up on the calling thread's own connection
 //! ([`crate::store::Store::point_read`]) and send the stored body as it is; searches and
@@ -31,6 +32,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use serde_json::json;
+use tower_http::compression::predicate::SizeAbove;
 use tower_http::compression::CompressionLayer;
 
 use crate::auth::{self, Access, AuthError, Grant, Verifier};
@@ -81,9 +83,13 @@ pub fn router(state: ApiState) -> Router {
     let gate = Arc::new(Gate { verifier: state.verifier.clone(), metrics: state.metrics.clone() });
     fhir.merge(admin)
         .layer(axum::middleware::from_fn_with_state(gate, pass_gate))
-        .layer(CompressionLayer::new().gzip(true))
+        .layer(CompressionLayer::new().gzip(true).compress_when(SizeAbove::new(COMPRESS_FROM_BYTES)))
         .with_state(state)
 }
+
+/// Responses smaller than this go uncompressed even to clients that accept gzip: setting up
+/// a gzip stream costs more than sending the few hundred bytes it would save.
+pub const COMPRESS_FROM_BYTES: u64 = 1024;
 
 /// The name of an interaction, set by handlers as a response extension for metrics.
 #[derive(Clone, Copy, Debug)]
