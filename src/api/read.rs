@@ -177,15 +177,16 @@ fn set_validators(response: &mut Response, etag: String, last_modified: String) 
 
 /// `If-None-Match` (weak comparison, `*` matches) wins over `If-Modified-Since`.
 fn not_modified(validators: &Validators, etag: &str, last_updated_us: i64) -> bool {
-    if !validators.none_match.is_empty() {
+    let mut tags = validators
+        .none_match
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .peekable();
+    if tags.peek().is_some() {
         let bare = etag.trim_start_matches("W/");
-        return validators
-            .none_match
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
-            .any(|tag| tag == "*" || tag.trim_start_matches("W/") == bare);
+        return tags.any(|tag| tag == "*" || tag.trim_start_matches("W/") == bare);
     }
     let since =
         validators.modified_since.as_ref().and_then(|value| value.to_str().ok()).and_then(render::parse_http_date);
