@@ -571,17 +571,19 @@ impl Store {
                 self.read(move |connection| work(connection)).await
             }
             Some(result) => result,
-            // Re-entered from inside `work` (not done today): use the pool.
+            // This thread's connection is in use (a point read inside `work`) or gone (the
+            // thread is exiting): the pool serves.
             None => self.read(move |connection| work(connection)).await,
         }
     }
 
-    /// `work` with this thread's point-read connection; `None` when it is in use.
+    /// `work` with this thread's point-read connection; `None` when it is in use or gone.
     fn read_here<T>(&self, work: &dyn Fn(&Connection) -> Result<T, StoreError>) -> Option<Result<T, StoreError>> {
-        POINT_READER.with(|slot| {
+        let attempt = POINT_READER.try_with(|slot| {
             let mut slot = slot.try_borrow_mut().ok()?;
             if slot.as_ref().is_none_or(|(serial, _)| *serial != self.serial) {
-                // One connection per thread: another store's (tests) is closed.
+                // A thread keeps one point-read connection: one to another store (tests
+                // open many) is closed first.
                 *slot = None;
                 let connection = match self.connect().and_then(|connection| {
                     connection.busy_timeout(std::time::Duration::ZERO)?;
@@ -594,7 +596,8 @@ impl Store {
             }
             let (_, connection) = slot.as_ref()?;
             Some(work(connection))
-        })
+        });
+        attempt.ok().flatten()
     }
 }
 
