@@ -1126,6 +1126,12 @@ pub fn everything(
     run(connection, &query, None)
 }
 
+/// Whether resource `?1/?2` references the Patient `?3`. Reads with a patient-level token
+/// run it on the async thread, so it starts from the resource's key, never from the
+/// patient's (possibly many) referrers.
+const IN_COMPARTMENT_SQL: &str = "SELECT 1 FROM resources r JOIN idx_reference ref ON ref.rid = r.rid
+    WHERE r.type = ?1 AND r.id = ?2 AND ref.target_id = ?3 AND ref.target_type = 'Patient' LIMIT 1";
+
 /// True when `Type/id` is the patient `patient_id` or is in its compartment.
 pub fn in_compartment(
     connection: &Connection,
@@ -1137,10 +1143,7 @@ pub fn in_compartment(
         return Ok(true);
     }
     let found = connection
-        .prepare_cached(
-            "SELECT 1 FROM resources r JOIN idx_reference ref ON ref.rid = r.rid
-             WHERE r.type = ?1 AND r.id = ?2 AND ref.target_id = ?3 AND ref.target_type = 'Patient' LIMIT 1",
-        )?
+        .prepare_cached(IN_COMPARTMENT_SQL)?
         .query_row(rusqlite::params![resource_type, id, patient_id], |_| Ok(()))
         .optional()?;
     Ok(found.is_some())
@@ -1459,6 +1462,11 @@ mod tests {
                 || revinclude.contains("idx_reference_by_target (target_id=? AND target_type=? AND param=?)"),
             "{revinclude}"
         );
+        // The compartment check of a patient-level read: from the resource's key.
+        let check = plan(&fixture.connection, IN_COMPARTMENT_SQL, &values(&["Observation", "o1", "p1"]));
+        assert_no_scan(&check, "compartment check");
+        assert!(check.starts_with("SEARCH r USING COVERING INDEX sqlite_autoindex_resources_1 (type=? AND id=?)"));
+        assert!(check.contains("idx_reference_by_resource (rid=?)"), "{check}");
         // $everything: the patient and what references it.
         let mut query = parse("Patient", &pairs("_count=5"), Handling::Strict).unwrap();
         query.compartment = Some("p1".into());
