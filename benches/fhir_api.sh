@@ -10,7 +10,9 @@
 #    backlog is empty and counts the stored resources.
 # 3. wrk, 10 s per run, 3 runs per case, medians of requests/s and of p50/p99 latency:
 #    nginx static file, gateway read (`GET /fhir/Patient/{id}`), gateway search by token
-#    (`GET /fhir/Patient?identifier=...`), gateway search by family name with `_count=10`.
+#    (`GET /fhir/Patient?identifier=...`), by family name with `_count=10`, by reference
+#    (`GET /fhir/Encounter?patient={id}`), and the newest ten patients
+#    (`_sort=-_lastUpdated&_count=10`).
 #
 # Usage: benches/fhir_api.sh   (needs nginx and wrk from Debian: apt-get install nginx-light wrk)
 # GATEWAY_BIN=path uses an already built binary; PATIENTS=n changes the store size.
@@ -133,6 +135,7 @@ for connections in 1 16; do
   measure "gateway search Patient?identifier" "http://127.0.0.1:6621/fhir/Patient?identifier=$probe_mrn" "$connections"
   measure "gateway search Patient?family&_count=10" "http://127.0.0.1:6621/fhir/Patient?family=SMITH12&_count=10" "$connections"
   measure "gateway search Encounter?patient" "http://127.0.0.1:6621/fhir/Encounter?patient=$patient_id" "$connections"
+  measure "gateway search Patient?_sort=-_lastUpdated&_count=10" "http://127.0.0.1:6621/fhir/Patient?_sort=-_lastUpdated&_count=10" "$connections"
 done
 
 python3 - "$work/results.tsv" "$resources" <<'EOF'

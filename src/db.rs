@@ -71,6 +71,8 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE messages ADD COLUMN report TEXT;",
     // 4: the aggregator outbox.
     crate::outbox::SCHEMA,
+    // 5: reference searches by bare id use an index.
+    crate::store::REFERENCE_BY_ID,
 ];
 
 /// Opens (creating if needed) the database at `path` with WAL and full fsync, and applies

@@ -81,9 +81,9 @@ pub struct OutcomeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// `read`, `vread`, `search`, `history`, `capabilities`, `everything`, `admin`, ...
-    pub interaction: String,
+    pub interaction: &'static str,
     /// HTTP status code.
-    pub status: String,
+    pub status: u16,
 }
 
 /// Now, in microseconds since the Unix epoch.

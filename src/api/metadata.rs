@@ -38,7 +38,7 @@ pub async fn smart_configuration(State(state): State<ApiState>) -> Result<Respon
 
 /// The CapabilityStatement for an API at `base`.
 pub fn capability(base: &str, secured: bool) -> Value {
-    let resources: Vec<Value> = params::searchable_types().into_iter().map(resource_capability).collect();
+    let resources: Vec<Value> = params::searchable_types().iter().copied().map(resource_capability).collect();
     let mut rest = json!({
         "mode": "server",
         "documentation": "Read-only FHIR R4 API over the resources converted from HL7 v2 feeds.",

@@ -4,7 +4,12 @@
 //! so create, update, patch and delete are answered 405. Every error, including those of
 //! axum's own extractors, is an OperationOutcome with the status that fits it
 //! ([`ApiError`]). Responses are `application/fhir+json` (JSON is the only format; a
-//! request for XML gets 406), compressed with gzip when the client accepts it.
+//! request for XML gets 406), compressed with gzip when the client accepts it and the
+//! body has at least [`COMPRESS_FROM_BYTES`].
+//!
+//! Reads and vreads look the resource up on the calling thread's own connection
+//! ([`crate::store::Store::point_read`]) and send the stored body as it is; searches and
+//! history run on the store's blocking pool.
 //!
 //! Layout: [`read`] (read, vread, history), [`search`] (search, `$everything`),
 //! [`metadata`] (CapabilityStatement, SMART configuration), [`admin`] (messages, replay,
@@ -20,13 +25,15 @@ pub mod search;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRef, FromRequestParts, Request, State};
 use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 use serde_json::json;
+use tower_http::compression::predicate::SizeAbove;
+use tower_http::compression::CompressionLayer;
 
 use crate::auth::{self, Access, AuthError, Grant, Verifier};
 use crate::store::{Store, StoreError};
@@ -73,39 +80,56 @@ pub fn router(state: ApiState) -> Router {
         .route("/fhir/", any(read_only))
         .fallback(not_found);
     let admin = admin::router().merge(outbox::router());
+    let gate = Arc::new(Gate { verifier: state.verifier.clone(), metrics: state.metrics.clone() });
     fhir.merge(admin)
-        .layer(axum::middleware::from_fn(outcome_for_every_error))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
-        .layer(tower_http::compression::CompressionLayer::new().gzip(true))
+        .layer(axum::middleware::from_fn_with_state(gate, pass_gate))
+        .layer(CompressionLayer::new().gzip(true).compress_when(SizeAbove::new(COMPRESS_FROM_BYTES)))
         .with_state(state)
 }
+
+/// Responses smaller than this go uncompressed even to clients that accept gzip: setting up
+/// a gzip stream costs more than sending the few hundred bytes it would save.
+pub const COMPRESS_FROM_BYTES: u64 = 1024;
 
 /// The name of an interaction, set by handlers as a response extension for metrics.
 #[derive(Clone, Copy, Debug)]
 pub struct Interaction(pub &'static str);
 
-async fn observe(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+/// Handlers that need only the store take `State<Arc<Store>>`, not a copy of the state.
+impl FromRef<ApiState> for Arc<Store> {
+    fn from_ref(state: &ApiState) -> Self {
+        state.store.clone()
+    }
+}
+
+/// What every `/fhir` and `/admin` request passes before its handler.
+struct Gate {
+    verifier: Option<Arc<Verifier>>,
+    metrics: Arc<Metrics>,
+}
+
+/// One middleware for every route: verifies the bearer token (when auth is configured)
+/// and puts the [`Grant`] into the request for handlers; turns the error responses axum
+/// makes itself into OperationOutcomes; counts and times the request.
+async fn pass_gate(State(gate): State<Arc<Gate>>, mut request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let response = next.run(request).await;
+    let response = match authenticate(&gate, request.uri().path(), request.headers()).await {
+        Ok(grant) => {
+            request.extensions_mut().insert(grant);
+            outcome_for_every_error(next.run(request).await).await
+        }
+        Err(error) => ApiError::Auth(error).into_response(),
+    };
     let interaction = response.extensions().get::<Interaction>().map_or("other", |interaction| interaction.0);
-    state
-        .metrics
-        .fhir_requests
-        .get_or_create(&RequestLabels {
-            interaction: interaction.to_string(),
-            status: response.status().as_u16().to_string(),
-        })
-        .inc();
-    state.metrics.fhir_request_duration.observe(started.elapsed().as_secs_f64());
+    gate.metrics.fhir_requests.get_or_create(&RequestLabels { interaction, status: response.status().as_u16() }).inc();
+    gate.metrics.fhir_request_duration.observe(started.elapsed().as_secs_f64());
     response
 }
 
 /// Turns the error responses axum makes itself (extractor rejections such as a path that
 /// is not UTF-8, 405 from method routing) into OperationOutcomes, keeping their status and
 /// headers (`Allow`...). Errors that already are FHIR pass unchanged.
-async fn outcome_for_every_error(request: Request, next: Next) -> Response {
-    let response = next.run(request).await;
+async fn outcome_for_every_error(response: Response) -> Response {
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
@@ -149,25 +173,13 @@ fn is_public(path: &str) -> bool {
     matches!(path, "/fhir/metadata" | "/fhir/.well-known/smart-configuration")
 }
 
-/// Verifies the bearer token (when auth is configured) and puts the [`Grant`] into the
-/// request for handlers.
-async fn authenticate(State(state): State<ApiState>, mut request: Request, next: Next) -> Response {
-    let grant = match (&state.verifier, is_public(request.uri().path())) {
-        (None, _) => Grant::open(),
-        (Some(_), true) => Grant::open(),
-        (Some(verifier), false) => {
-            let verified = match auth::bearer_token(request.headers()) {
-                Ok(token) => verifier.verify(token).await,
-                Err(error) => Err(error),
-            };
-            match verified {
-                Ok(grant) => grant,
-                Err(error) => return ApiError::Auth(error).into_response(),
-            }
-        }
-    };
-    request.extensions_mut().insert(grant);
-    next.run(request).await
+/// The caller's [`Grant`]: everything when auth is not configured or for a public path,
+/// else what the bearer token allows.
+async fn authenticate(gate: &Gate, path: &str, headers: &HeaderMap) -> Result<Grant, AuthError> {
+    match &gate.verifier {
+        Some(verifier) if !is_public(path) => verifier.verify(auth::bearer_token(headers)?).await,
+        _ => Ok(Grant::open()),
+    }
 }
 
 async fn read_only(method: Method) -> Response {
@@ -370,31 +382,26 @@ fn negotiate(format: Option<&str>, headers: &HeaderMap) -> Result<(), ApiError> 
             _ => Err(ApiError::NotAcceptable(format!("_format={format} is not supported; this server speaks JSON"))),
         };
     }
-    let accepts: Vec<String> = headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(|media| media.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-        .filter(|media| !media.is_empty())
-        .collect();
-    if accepts.is_empty() {
+    let accepted = || {
+        headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(|media| media.split(';').next().unwrap_or("").trim())
+            .filter(|media| !media.is_empty())
+    };
+    const JSON: [&str; 5] =
+        ["*/*", "application/*", "application/json", "application/fhir+json", "application/json+fhir"];
+    let mut listed = accepted().peekable();
+    if listed.peek().is_none() || listed.any(|media| JSON.iter().any(|json| media.eq_ignore_ascii_case(json))) {
         return Ok(());
     }
-    let json_ok = accepts.iter().any(|media| {
-        matches!(
-            media.as_str(),
-            "*/*" | "application/*" | "application/json" | "application/fhir+json" | "application/json+fhir"
-        )
-    });
-    if json_ok {
-        Ok(())
-    } else {
-        Err(ApiError::NotAcceptable(format!(
-            "Accept: {} cannot be served; this server returns application/fhir+json",
-            accepts.join(", ")
-        )))
-    }
+    let accepts: Vec<String> = accepted().map(str::to_ascii_lowercase).collect();
+    Err(ApiError::NotAcceptable(format!(
+        "Accept: {} cannot be served; this server returns application/fhir+json",
+        accepts.join(", ")
+    )))
 }
 
 fn base_url(state: &ApiState, headers: &HeaderMap) -> String {
@@ -408,17 +415,18 @@ fn base_url(state: &ApiState, headers: &HeaderMap) -> String {
     format!("{}://{host}/fhir", state.scheme)
 }
 
-/// Access check: 403 unless the grant can read (or search) `resource_type`.
-pub fn require(access: Access, what: &str) -> Result<Access, ApiError> {
+/// Access check: 403 unless the grant can read (or search) `resource_type`; `what` names
+/// the refused action.
+pub fn require(access: Access, what: impl FnOnce() -> String) -> Result<Access, ApiError> {
     match access {
-        Access::Denied => Err(ApiError::Forbidden(format!("the token's scopes do not allow {what}"))),
+        Access::Denied => Err(ApiError::Forbidden(format!("the token's scopes do not allow {}", what()))),
         other => Ok(other),
     }
 }
 
 /// The types this API serves: those with search parameter definitions.
 pub fn check_type(resource_type: &str) -> Result<(), ApiError> {
-    if crate::store::params::searchable_types().contains(&resource_type) {
+    if crate::store::params::searchable_types().binary_search(&resource_type).is_ok() {
         Ok(())
     } else {
         Err(ApiError::NotFound(format!("resource type {resource_type} is not supported by this server")))

@@ -5,31 +5,52 @@
 //! a patient-level token, a resource outside that patient's compartment is 404, as if it
 //! did not exist (so that its existence is not disclosed).
 
-use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::Response;
 
 use super::render::{self, Entry, Link, Subset};
 use super::{check_id, check_type, fhir_response, require, ApiError, ApiState, FhirRequest, Params};
 use crate::auth::Access;
 use crate::store::search::Summary;
-use crate::store::{self, HistoryQuery, StoredResource};
+use crate::store::{self, HistoryQuery, Store, StoredResource};
 
-/// `GET /fhir/{type}/{id}`.
+/// The conditional headers of a read: `If-None-Match` (every field line) and
+/// `If-Modified-Since`.
+#[derive(Debug, Default)]
+pub struct Validators {
+    none_match: Vec<HeaderValue>,
+    modified_since: Option<HeaderValue>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Validators {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Validators {
+            none_match: parts.headers.get_all(header::IF_NONE_MATCH).iter().cloned().collect(),
+            modified_since: parts.headers.get(header::IF_MODIFIED_SINCE).cloned(),
+        })
+    }
+}
+
+/// `GET /fhir/{type}/{id}`: a lookup by key on the calling thread's connection.
 pub async fn read(
-    State(state): State<ApiState>,
+    State(store): State<Arc<Store>>,
     request: FhirRequest,
     Path((resource_type, id)): Path<(String, String)>,
     Params(params): Params,
-    headers: HeaderMap,
+    validators: Validators,
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     check_id(&id)?;
-    let access = require(request.grant.can_read(&resource_type), &format!("reading {resource_type}"))?;
+    let access = require(request.grant.can_read(&resource_type), || format!("reading {resource_type}"))?;
     let (lookup_type, lookup_id) = (resource_type.clone(), id.clone());
-    let found = state
-        .store
-        .read(move |connection| {
+    let found = store
+        .point_read(move |connection| {
             let found = store::read(connection, &lookup_type, &lookup_id)?;
             visible(connection, found, &access)
         })
@@ -37,27 +58,26 @@ pub async fn read(
     let Some(resource) = found else {
         return Err(ApiError::NotFound(format!("{resource_type}/{id} is not known")));
     };
-    respond_version(resource, &request, &params, &headers, "read")
+    respond_version(resource, &request, &params, &validators, "read")
 }
 
-/// `GET /fhir/{type}/{id}/_history/{version}`.
+/// `GET /fhir/{type}/{id}/_history/{version}`: a lookup by key, like [`read`].
 pub async fn vread(
-    State(state): State<ApiState>,
+    State(store): State<Arc<Store>>,
     request: FhirRequest,
     Path((resource_type, id, version)): Path<(String, String, String)>,
     Params(params): Params,
-    headers: HeaderMap,
+    validators: Validators,
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     check_id(&id)?;
     let Ok(number) = version.parse::<i64>() else {
         return Err(ApiError::NotFound(format!("{resource_type}/{id} has no version `{version}`")));
     };
-    let access = require(request.grant.can_read(&resource_type), &format!("reading {resource_type}"))?;
+    let access = require(request.grant.can_read(&resource_type), || format!("reading {resource_type}"))?;
     let (lookup_type, lookup_id) = (resource_type.clone(), id.clone());
-    let found = state
-        .store
-        .read(move |connection| {
+    let found = store
+        .point_read(move |connection| {
             let found = store::vread(connection, &lookup_type, &lookup_id, number)?;
             let found = match &access {
                 // The current version decides the compartment; an older one must be in it too.
@@ -70,7 +90,7 @@ pub async fn vread(
     let Some(resource) = found else {
         return Err(ApiError::NotFound(format!("{resource_type}/{id} has no version {version}")));
     };
-    respond_version(resource, &request, &params, &headers, "vread")
+    respond_version(resource, &request, &params, &validators, "vread")
 }
 
 /// For a patient-level grant, whether one stored version belongs to the patient: the
@@ -121,7 +141,7 @@ fn respond_version(
     resource: StoredResource,
     request: &FhirRequest,
     params: &[(String, String)],
-    headers: &HeaderMap,
+    validators: &Validators,
     interaction: &'static str,
 ) -> Result<Response, ApiError> {
     if resource.deleted {
@@ -132,42 +152,44 @@ fn respond_version(
     }
     let etag = render::etag(resource.version);
     let last_modified = render::http_date(resource.last_updated_us);
-    if not_modified(headers, &etag, resource.last_updated_us) {
+    if not_modified(validators, &etag, resource.last_updated_us) {
         let mut response = fhir_response(StatusCode::NOT_MODIFIED, String::new(), interaction);
-        set_validators(&mut response, &etag, &last_modified);
+        set_validators(&mut response, etag, last_modified);
         return Ok(response);
     }
     let subset = subset_of(params)?;
-    let body = render::finish(render::subset_body(&resource.body, &subset), request.pretty);
-    let mut response = fhir_response(StatusCode::OK, body, interaction);
-    set_validators(&mut response, &etag, &last_modified);
+    // The stored body already carries meta.versionId and meta.lastUpdated: a whole
+    // resource is sent as stored.
+    let body = if subset.is_whole() { resource.body } else { render::subset_body(&resource.body, &subset) };
+    let mut response = fhir_response(StatusCode::OK, render::finish(body, request.pretty), interaction);
+    set_validators(&mut response, etag, last_modified);
     Ok(response)
 }
 
-fn set_validators(response: &mut Response, etag: &str, last_modified: &str) {
-    if let Ok(value) = HeaderValue::from_str(etag) {
+fn set_validators(response: &mut Response, etag: String, last_modified: String) {
+    if let Ok(value) = HeaderValue::try_from(etag) {
         response.headers_mut().insert(header::ETAG, value);
     }
-    if let Ok(value) = HeaderValue::from_str(last_modified) {
+    if let Ok(value) = HeaderValue::try_from(last_modified) {
         response.headers_mut().insert(header::LAST_MODIFIED, value);
     }
 }
 
 /// `If-None-Match` (weak comparison, `*` matches) wins over `If-Modified-Since`.
-fn not_modified(headers: &HeaderMap, etag: &str, last_updated_us: i64) -> bool {
-    let tags: Vec<&str> = headers
-        .get_all(header::IF_NONE_MATCH)
+fn not_modified(validators: &Validators, etag: &str, last_updated_us: i64) -> bool {
+    let mut tags = validators
+        .none_match
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .map(str::trim)
-        .collect();
-    if !tags.is_empty() {
+        .peekable();
+    if tags.peek().is_some() {
         let bare = etag.trim_start_matches("W/");
-        return tags.iter().any(|tag| *tag == "*" || tag.trim_start_matches("W/") == bare);
+        return tags.any(|tag| tag == "*" || tag.trim_start_matches("W/") == bare);
     }
     let since =
-        headers.get(header::IF_MODIFIED_SINCE).and_then(|value| value.to_str().ok()).and_then(render::parse_http_date);
+        validators.modified_since.as_ref().and_then(|value| value.to_str().ok()).and_then(render::parse_http_date);
     // HTTP dates have whole seconds: modified only if later than the second given.
     since.is_some_and(|since| last_updated_us / 1_000_000 <= since / 1_000_000)
 }
@@ -232,7 +254,7 @@ pub async fn instance_history(
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
     check_id(&id)?;
-    let access = require(request.grant.can_read(&resource_type), &format!("reading {resource_type}"))?;
+    let access = require(request.grant.can_read(&resource_type), || format!("reading {resource_type}"))?;
     let (lookup_type, lookup_id) = (resource_type.clone(), id.clone());
     let current = state
         .store

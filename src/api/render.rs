@@ -312,12 +312,23 @@ pub fn etag(version: i64) -> String {
     format!("W/\"{version}\"")
 }
 
-/// An HTTP date (RFC 9110 IMF-fixdate) for `Last-Modified`.
+/// An HTTP date (RFC 9110 IMF-fixdate) for `Last-Modified`, written out directly (every
+/// read has one).
 pub fn http_date(us: i64) -> String {
-    match jiff::Timestamp::from_microsecond(us) {
-        Ok(timestamp) => timestamp.strftime("%a, %d %b %Y %H:%M:%S GMT").to_string(),
-        Err(_) => String::new(),
-    }
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    let Ok(timestamp) = jiff::Timestamp::from_microsecond(us) else { return String::new() };
+    let time = jiff::tz::Offset::UTC.to_datetime(timestamp);
+    format!(
+        "{}, {:02} {} {:04} {:02}:{:02}:{:02} GMT",
+        DAYS[time.weekday().to_monday_zero_offset() as usize],
+        time.day(),
+        MONTHS[(time.month() - 1) as usize],
+        time.year(),
+        time.hour(),
+        time.minute(),
+        time.second()
+    )
 }
 
 /// Parses an HTTP date (`If-Modified-Since`) to µs since the epoch.
@@ -391,5 +402,11 @@ mod tests {
         assert_eq!(text, "Tue, 14 Nov 2023 22:13:20 GMT");
         assert_eq!(parse_http_date(&text), Some(1_700_000_000_000_000));
         assert_eq!(parse_http_date("yesterday"), None);
+        // Same text as strftime's, across weekdays, months, leap days and years.
+        for step in 0..2_000i64 {
+            let us = 946_684_800_000_000 + step * 86_413_123_457;
+            let expected = jiff::Timestamp::from_microsecond(us).unwrap().strftime("%a, %d %b %Y %H:%M:%S GMT");
+            assert_eq!(http_date(us), expected.to_string());
+        }
     }
 }

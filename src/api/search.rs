@@ -65,7 +65,7 @@ async fn run(
     params: Vec<(String, String)>,
 ) -> Result<Response, ApiError> {
     check_type(&resource_type)?;
-    let access = require(request.grant.can_search(&resource_type), &format!("searching {resource_type}"))?;
+    let access = require(request.grant.can_search(&resource_type), || format!("searching {resource_type}"))?;
     let handling = if request.strict { Handling::Strict } else { Handling::Lenient };
     let mut query =
         search::parse(&resource_type, &params, handling).map_err(|error| ApiError::BadRequest(error.issues))?;

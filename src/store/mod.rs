@@ -14,7 +14,8 @@
 //! - **Search indexes** are rows in index tables, one family per search parameter type,
 //!   extracted at write time from the definitions in [`params`] (data, not code per
 //!   parameter). [`search`] turns a FHIR search into SQL over them.
-//! - **Reads** go through a small pool of read-only connections ([`Store::read`]); with WAL
+//! - **Reads** go through a small pool of read-only connections ([`Store::read`]), or, for
+//!   lookups by key, the calling thread's own connection ([`Store::point_read`]); with WAL
 //!   they never wait for the writer.
 
 pub mod fhirpath;
@@ -22,7 +23,9 @@ pub mod index;
 pub mod params;
 pub mod search;
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -51,7 +54,8 @@ pub enum StoreError {
     Closed,
 }
 
-/// Schema of the resource store and its search indexes (migration 2 in [`crate::db`]).
+/// Schema of the resource store and its search indexes (migration 2 in [`crate::db`];
+/// [`REFERENCE_BY_ID`], migration 5, changes one index).
 ///
 /// `resources.rid` is the internal row id: stable for the life of a resource (updates,
 /// deletions and re-creations keep it), it keys every index row and is the final sort key
@@ -101,6 +105,19 @@ pub const SCHEMA: &str = "CREATE TABLE resources (
     CREATE TABLE idx_number (rid INTEGER NOT NULL, param TEXT NOT NULL, value REAL NOT NULL, system TEXT, code TEXT);
     CREATE INDEX idx_number_by_value ON idx_number (param, value);
     CREATE INDEX idx_number_by_resource ON idx_number (rid, param);";
+
+/// Migration 5 of the resource store: reference searches look up `(param, target_id)`,
+/// with the target type only when the search names it (`subject=123` matches any type,
+/// `subject=Patient/123` one). This index serves both forms; it replaces
+/// `idx_reference_by_param`, whose `(param, target_type, target_id)` order left a search by
+/// bare id reading every row of the parameter.
+///
+/// It deliberately does not carry `rid`: without statistics SQLite guesses that `param = ?`
+/// alone is selective, and would prefer such a covering index to `idx_reference_by_resource`
+/// for `_include` (`rid = ? AND param = ?`), reading the whole parameter.
+pub const REFERENCE_BY_ID: &str =
+    "CREATE INDEX idx_reference_by_param_id ON idx_reference (param, target_id, target_type);
+    DROP INDEX idx_reference_by_param;";
 
 /// One version of a resource as stored.
 #[derive(Clone, Debug, PartialEq)]
@@ -463,19 +480,37 @@ pub fn stored_types(connection: &Connection) -> Result<Vec<String>, StoreError> 
     Ok(types)
 }
 
-/// A bounded pool of read-only connections to the database, used from async code.
+/// Read access to the database from async code, two ways:
+/// - [`Store::read`]: a bounded pool of read-only connections, used on the blocking thread
+///   pool. For searches and history, which may take milliseconds.
+/// - [`Store::point_read`]: the calling thread's own read-only connection, used in place.
+///   For primary-key lookups (read, vread), which take microseconds: less than the hand-off
+///   to another thread and back would cost.
 pub struct Store {
+    /// Tells the point-read connections of different stores apart (tests open many).
+    serial: u64,
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
     permits: Semaphore,
+}
+
+thread_local! {
+    /// This thread's point-read connection, with the serial of the store it belongs to.
+    static POINT_READER: RefCell<Option<(u64, Connection)>> = const { RefCell::new(None) };
 }
 
 impl Store {
     /// Opens the pool over the database at `path` (which must already exist and be
     /// migrated), allowing at most `readers` concurrent read connections.
     pub fn open(path: &Path, readers: usize) -> Result<Arc<Store>, StoreError> {
+        static SERIALS: AtomicU64 = AtomicU64::new(1);
         let readers = readers.max(1);
-        let store = Store { path: path.to_path_buf(), idle: Mutex::new(Vec::new()), permits: Semaphore::new(readers) };
+        let store = Store {
+            serial: SERIALS.fetch_add(1, Ordering::Relaxed),
+            path: path.to_path_buf(),
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(readers),
+        };
         // Open one now so that a bad path fails at start-up, not at the first request.
         let first = store.connect()?;
         store.idle.lock().map_err(|_| StoreError::Closed)?.push(first);
@@ -518,6 +553,57 @@ impl Store {
         drop(permit);
         result
     }
+
+    /// Runs `work`, which must be a lookup by key taking microseconds, on the calling
+    /// thread with that thread's own read connection (opened on first use).
+    ///
+    /// The connection does not wait for locks: WAL readers normally never need to, but
+    /// when SQLite does answer busy (recovery after a crash, a checkpoint resetting the
+    /// log), `work` runs again through [`Store::read`], which waits there instead of
+    /// stalling this async worker thread.
+    pub async fn point_read<T, F>(self: &Arc<Self>, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        match self.read_here(&work) {
+            Some(Err(StoreError::Sqlite(error))) if is_busy(&error) => {
+                self.read(move |connection| work(connection)).await
+            }
+            Some(result) => result,
+            // This thread's connection is in use (a point read inside `work`) or gone (the
+            // thread is exiting): the pool serves.
+            None => self.read(move |connection| work(connection)).await,
+        }
+    }
+
+    /// `work` with this thread's point-read connection; `None` when it is in use or gone.
+    fn read_here<T>(&self, work: &dyn Fn(&Connection) -> Result<T, StoreError>) -> Option<Result<T, StoreError>> {
+        let attempt = POINT_READER.try_with(|slot| {
+            let mut slot = slot.try_borrow_mut().ok()?;
+            if slot.as_ref().is_none_or(|(serial, _)| *serial != self.serial) {
+                // A thread keeps one point-read connection: one to another store (tests
+                // open many) is closed first.
+                *slot = None;
+                let connection = match self.connect().and_then(|connection| {
+                    connection.busy_timeout(std::time::Duration::ZERO)?;
+                    Ok(connection)
+                }) {
+                    Ok(connection) => connection,
+                    Err(error) => return Some(Err(error)),
+                };
+                *slot = Some((self.serial, connection));
+            }
+            let (_, connection) = slot.as_ref()?;
+            Some(work(connection))
+        });
+        attempt.ok().flatten()
+    }
+}
+
+/// Whether SQLite refused for a lock held elsewhere (worth retrying with waiting).
+fn is_busy(error: &rusqlite::Error) -> bool {
+    matches!(error.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
 }
 
 #[cfg(test)]
@@ -642,6 +728,54 @@ mod tests {
         let page = history(&connection, &paged).unwrap();
         assert_eq!((page.total, page.versions.len(), page.versions[0].id.as_str()), (4, 1, "o"));
         assert_eq!(stored_types(&connection).unwrap(), vec!["Observation", "Patient"]);
+    }
+
+    #[tokio::test]
+    async fn point_reads_use_each_stores_own_connection() {
+        let (first_directory, mut first) = open();
+        let (second_directory, mut second) = open();
+        put_one(&mut first, json!({"resourceType": "Patient", "id": "a"}), 10);
+        put_one(&mut second, json!({"resourceType": "Patient", "id": "b"}), 10);
+        let first = Store::open(&first_directory.path().join("gateway.db"), 2).unwrap();
+        let second = Store::open(&second_directory.path().join("gateway.db"), 2).unwrap();
+        for _ in 0..2 {
+            for (store, present, absent) in [(&first, "a", "b"), (&second, "b", "a")] {
+                let found = store.point_read(move |connection| read(connection, "Patient", present)).await.unwrap();
+                assert_eq!(found.map(|resource| resource.id), Some(present.to_string()));
+                let found = store.point_read(move |connection| read(connection, "Patient", absent)).await.unwrap();
+                assert!(found.is_none());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_point_read_that_finds_the_database_locked_waits_in_the_pool_not_on_the_caller() {
+        let (directory, mut writer) = open();
+        put_one(&mut writer, json!({"resourceType": "Patient", "id": "a"}), 10);
+        let store = Store::open(&directory.path().join("gateway.db"), 2).unwrap();
+        // An exclusive-mode writer keeps every reader out until it returns to normal mode.
+        writer.execute_batch("PRAGMA locking_mode = EXCLUSIVE; UPDATE resources SET version = 2;").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            writer.execute_batch("PRAGMA locking_mode = NORMAL; SELECT COUNT(*) FROM resources;").unwrap();
+            writer
+        });
+        // This single-threaded runtime keeps ticking only if the read does not block it.
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let ticker = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let found = store.point_read(|connection| read(connection, "Patient", "a")).await.unwrap();
+        ticker.abort();
+        assert_eq!(found.map(|resource| resource.version), Some(2));
+        assert!(ticks.load(Ordering::Relaxed) >= 5, "the point read blocked the runtime");
+        drop(release.join().unwrap());
     }
 
     #[test]

@@ -155,12 +155,16 @@ pub fn for_type(resource_type: &str) -> Vec<&'static SearchParam> {
     definitions().iter().filter(|param| param.resource_type == resource_type).collect()
 }
 
-/// Resource types that have definitions, sorted.
-pub fn searchable_types() -> Vec<&'static str> {
-    let mut types: Vec<&'static str> = definitions().iter().map(|param| param.resource_type.as_str()).collect();
-    types.sort_unstable();
-    types.dedup();
-    types
+/// Resource types that have definitions, sorted. Every FHIR request checks its type
+/// against them, so the list is built once.
+pub fn searchable_types() -> &'static [&'static str] {
+    static TYPES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    TYPES.get_or_init(|| {
+        let mut types: Vec<&'static str> = definitions().iter().map(|param| param.resource_type.as_str()).collect();
+        types.sort_unstable();
+        types.dedup();
+        types
+    })
 }
 
 #[cfg(test)]

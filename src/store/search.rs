@@ -99,6 +99,10 @@ struct SortKey {
     /// SQL expression of the key over `r` (may contain `?N` bound in `Query::values`).
     expression: String,
     descending: bool,
+    /// False for `_id` and `_lastUpdated`, which every resource has: their order needs no
+    /// null-first flag, so SQLite can read `resources_by_time` in order and stop after the
+    /// page instead of sorting every match.
+    nullable: bool,
 }
 
 /// One `_include` / `_revinclude`: resources of `source_type` referencing through
@@ -576,8 +580,10 @@ impl Parser<'_> {
             None => (false, name),
         };
         let expression = match name {
-            "_id" => "r.id".to_string(),
-            "_lastUpdated" => "r.last_updated_us".to_string(),
+            "_id" => return Some(SortKey { expression: "r.id".to_string(), descending, nullable: false }),
+            "_lastUpdated" => {
+                return Some(SortKey { expression: "r.last_updated_us".to_string(), descending, nullable: false })
+            }
             _ => {
                 let param = params::find(self.resource_type, name)?;
                 let aggregate = if descending { "MAX" } else { "MIN" };
@@ -598,7 +604,7 @@ impl Parser<'_> {
                 )
             }
         };
-        Some(SortKey { expression, descending })
+        Some(SortKey { expression, descending, nullable: true })
     }
 
     fn include(&mut self, name: &str, value: &str, reverse: bool) -> Option<Include> {
@@ -862,8 +868,18 @@ pub fn execute(connection: &Connection, query: &Query) -> Result<Page, StoreErro
     run(connection, query, Some(&query.resource_type))
 }
 
-/// Runs `query` over resources of `resource_type` (every type when `None`).
-fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> Result<Page, StoreError> {
+/// The SQL of a search: the count statement, the page statement (`count + 1` rows, to
+/// know whether there is a next page), and the values both bind to their placeholders.
+struct Statements {
+    count: String,
+    page: String,
+    /// The count statement binds the first `count_values` of `values`.
+    count_values: usize,
+    values: Vec<SqlValue>,
+}
+
+/// Compiles `query` over resources of `resource_type` (every type when `None`).
+fn statements(query: &Query, resource_type: Option<&str>) -> Statements {
     let mut binder = Binder { values: query.values.clone() };
     let mut conditions = vec!["r.deleted = 0".to_string()];
     if let Some(resource_type) = resource_type {
@@ -878,19 +894,8 @@ fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> R
         ));
     }
     let filter = conditions.join(" AND ");
-
-    let total = if query.total == Total::None && query.summary != Some(Summary::Count) {
-        None
-    } else {
-        let sql = format!("SELECT COUNT(*) FROM resources r WHERE {filter}");
-        let count: i64 = connection
-            .prepare_cached(&sql)?
-            .query_row(rusqlite::params_from_iter(binder.values.iter()), |row| row.get(0))?;
-        Some(u64::try_from(count).unwrap_or(0))
-    };
-    if query.count == 0 || query.summary == Some(Summary::Count) {
-        return Ok(Page { total, matches: Vec::new(), included: Vec::new(), next: None });
-    }
+    let count = format!("SELECT COUNT(*) FROM resources r WHERE {filter}");
+    let count_values = binder.values.len();
 
     // Sort keys as columns k0.., then the keyset condition after the cursor, then the page.
     let mut columns = String::new();
@@ -898,7 +903,11 @@ fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> R
     for (index, key) in query.sort.iter().enumerate() {
         let _ = write!(columns, ", {} AS k{index}", key.expression);
         let direction = if key.descending { "DESC" } else { "ASC" };
-        order.push(format!("(k{index} IS NULL), k{index} {direction}"));
+        if key.nullable {
+            order.push(format!("(k{index} IS NULL), k{index} {direction}"));
+        } else {
+            order.push(format!("k{index} {direction}"));
+        }
     }
     order.push("rid ASC".into());
     let mut keyset = String::new();
@@ -914,8 +923,12 @@ fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> R
                 let comparison = if key.descending { "<" } else { ">" };
                 let bound = binder.bind(value.clone());
                 let mut term = equal_so_far.clone();
-                // Non-null before null: a null key sorts after every value.
-                term.push(format!("(k{index} IS NULL OR k{index} {comparison} {bound})"));
+                if key.nullable {
+                    // Non-null before null: a null key sorts after every value.
+                    term.push(format!("(k{index} IS NULL OR k{index} {comparison} {bound})"));
+                } else {
+                    term.push(format!("k{index} {comparison} {bound}"));
+                }
                 alternatives.push(format!("({})", term.join(" AND ")));
                 equal_so_far.push(format!("k{index} = {bound}"));
             }
@@ -923,10 +936,18 @@ fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> R
         let mut term = equal_so_far;
         term.push(format!("rid > {}", binder.bind(cursor.rid)));
         alternatives.push(format!("({})", term.join(" AND ")));
-        keyset = format!("WHERE {}", alternatives.join(" OR "));
+        keyset = format!("WHERE ({})", alternatives.join(" OR "));
+        // A first key that is never null also bounds the range, so that an index on it
+        // starts at the cursor instead of at the first page.
+        if let (Some(key), Some(value)) = (query.sort.first(), cursor.keys.first()) {
+            if !key.nullable && !matches!(value, SqlValue::Null) {
+                let comparison = if key.descending { "<=" } else { ">=" };
+                let _ = write!(keyset, " AND k0 {comparison} {}", binder.bind(value.clone()));
+            }
+        }
     }
     let limit = query.count + 1;
-    let sql = format!(
+    let page = format!(
         "SELECT type, id, version, last_updated_us, deleted, body, rid{keys} FROM (
             SELECT r.type, r.id, r.version, r.last_updated_us, r.deleted, r.body, r.rid AS rid{columns}
             FROM resources r WHERE {filter}
@@ -934,10 +955,28 @@ fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> R
         keys = (0..query.sort.len()).map(|index| format!(", k{index}")).collect::<String>(),
         order = order.join(", "),
     );
-    let mut statement = connection.prepare_cached(&sql)?;
+    Statements { count, page, count_values, values: binder.values }
+}
+
+/// Runs `query` over resources of `resource_type` (every type when `None`).
+fn run(connection: &Connection, query: &Query, resource_type: Option<&str>) -> Result<Page, StoreError> {
+    let statements = statements(query, resource_type);
+    let total = if query.total == Total::None && query.summary != Some(Summary::Count) {
+        None
+    } else {
+        let count: i64 = connection
+            .prepare_cached(&statements.count)?
+            .query_row(rusqlite::params_from_iter(&statements.values[..statements.count_values]), |row| row.get(0))?;
+        Some(u64::try_from(count).unwrap_or(0))
+    };
+    if query.count == 0 || query.summary == Some(Summary::Count) {
+        return Ok(Page { total, matches: Vec::new(), included: Vec::new(), next: None });
+    }
+
+    let mut statement = connection.prepare_cached(&statements.page)?;
     let key_count = query.sort.len();
     let mut rows: Vec<(StoredResource, i64, Vec<SqlValue>)> = statement
-        .query_map(rusqlite::params_from_iter(binder.values.iter()), |row| {
+        .query_map(rusqlite::params_from_iter(statements.values.iter()), |row| {
             let keys = (0..key_count).map(|index| row.get::<_, SqlValue>(7 + index)).collect::<Result<Vec<_>, _>>()?;
             Ok((stored_from_row(row)?, row.get(6)?, keys))
         })?
@@ -983,6 +1022,19 @@ fn patient_visible(connection: &Connection, resource: &StoredResource, patient_i
     Ok(other_patient.is_none())
 }
 
+/// `_include`: the current resources that resource `?1` references through parameter `?2`
+/// (only those of type `?3` unless it is null).
+const INCLUDE_SQL: &str = "SELECT t.type, t.id, t.version, t.last_updated_us, t.deleted, t.body, t.rid
+    FROM idx_reference ref JOIN resources t ON t.type = ref.target_type AND t.id = ref.target_id
+    WHERE ref.rid = ?1 AND ref.param = ?2 AND (?3 IS NULL OR ref.target_type = ?3) AND t.deleted = 0
+    ORDER BY t.rid";
+
+/// `_revinclude`: the current resources that reference `?2/?1` through parameter `?3`.
+const REVINCLUDE_SQL: &str = "SELECT s.type, s.id, s.version, s.last_updated_us, s.deleted, s.body, s.rid
+    FROM idx_reference ref JOIN resources s ON s.rid = ref.rid
+    WHERE ref.target_id = ?1 AND ref.target_type = ?2 AND ref.param = ?3 AND s.deleted = 0
+    ORDER BY s.rid";
+
 /// `_include` and `_revinclude` for a page: every current resource the page references
 /// through the named parameters, and every one referencing the page; repeated over the
 /// newly added resources for `:iterate` (bounded).
@@ -1002,18 +1054,8 @@ fn includes(
         .zip(page_rids)
         .map(|(resource, rid)| (*rid, resource.resource_type.clone(), resource.id.clone()))
         .collect();
-    let mut forward = connection.prepare_cached(
-        "SELECT t.type, t.id, t.version, t.last_updated_us, t.deleted, t.body, t.rid
-         FROM idx_reference ref JOIN resources t ON t.type = ref.target_type AND t.id = ref.target_id
-         WHERE ref.rid = ?1 AND ref.param = ?2 AND (?3 IS NULL OR ref.target_type = ?3) AND t.deleted = 0
-         ORDER BY t.rid",
-    )?;
-    let mut reverse = connection.prepare_cached(
-        "SELECT s.type, s.id, s.version, s.last_updated_us, s.deleted, s.body, s.rid
-         FROM idx_reference ref JOIN resources s ON s.rid = ref.rid
-         WHERE ref.target_id = ?1 AND ref.target_type = ?2 AND ref.param = ?3 AND s.deleted = 0
-         ORDER BY s.rid",
-    )?;
+    let mut forward = connection.prepare_cached(INCLUDE_SQL)?;
+    let mut reverse = connection.prepare_cached(REVINCLUDE_SQL)?;
     for round in 0..4 {
         let mut added = Vec::new();
         for (rid, resource_type, id) in &frontier {
@@ -1084,6 +1126,12 @@ pub fn everything(
     run(connection, &query, None)
 }
 
+/// Whether resource `?1/?2` references the Patient `?3`. Reads with a patient-level token
+/// run it on the async thread, so it starts from the resource's key, never from the
+/// patient's (possibly many) referrers.
+const IN_COMPARTMENT_SQL: &str = "SELECT 1 FROM resources r JOIN idx_reference ref ON ref.rid = r.rid
+    WHERE r.type = ?1 AND r.id = ?2 AND ref.target_id = ?3 AND ref.target_type = 'Patient' LIMIT 1";
+
 /// True when `Type/id` is the patient `patient_id` or is in its compartment.
 pub fn in_compartment(
     connection: &Connection,
@@ -1095,10 +1143,7 @@ pub fn in_compartment(
         return Ok(true);
     }
     let found = connection
-        .prepare_cached(
-            "SELECT 1 FROM resources r JOIN idx_reference ref ON ref.rid = r.rid
-             WHERE r.type = ?1 AND r.id = ?2 AND ref.target_id = ?3 AND ref.target_type = 'Patient' LIMIT 1",
-        )?
+        .prepare_cached(IN_COMPARTMENT_SQL)?
         .query_row(rusqlite::params![resource_type, id, patient_id], |_| Ok(()))
         .optional()?;
     Ok(found.is_some())
@@ -1340,6 +1385,118 @@ mod tests {
         assert_eq!(fixture.ids("Observation", "patient._id=p2"), vec!["o2"]);
         assert_eq!(fixture.ids("Encounter", "location.name=ward"), vec!["e1"]);
         assert!(fixture.query("Observation", "subject=Patient/p1/x/").is_err());
+    }
+
+    /// SQLite's plan for `sql` with `values` bound: one line per step.
+    fn plan(connection: &Connection, sql: &str, values: &[SqlValue]) -> String {
+        let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let details = statement
+            .query_map(rusqlite::params_from_iter(values.iter()), |row| row.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        details.join("\n")
+    }
+
+    /// The plans of the count and page statements of `resource_type?query`.
+    fn search_plans(fixture: &Fixture, resource_type: &str, query: &str) -> [String; 2] {
+        let query = fixture.query(resource_type, query).unwrap_or_else(|error| panic!("{query}: {error}"));
+        let statements = statements(&query, Some(resource_type));
+        [
+            plan(&fixture.connection, &statements.count, &statements.values[..statements.count_values]),
+            plan(&fixture.connection, &statements.page, &statements.values),
+        ]
+    }
+
+    fn assert_no_scan(plan: &str, what: &str) {
+        assert!(!plan.lines().any(|line| line.trim_start().starts_with("SCAN")), "{what} scans:\n{plan}");
+    }
+
+    #[test]
+    fn reference_searches_look_up_the_reference_index() {
+        let fixture = fixture();
+        let by_id = "USING INDEX idx_reference_by_param_id (param=? AND target_id=?)";
+        let by_id_and_type = "USING INDEX idx_reference_by_param_id (param=? AND target_id=? AND target_type=?)";
+        for (resource_type, query, lookup) in [
+            ("Encounter", "patient=p1", by_id),
+            ("Observation", "patient=p1", by_id),
+            ("Observation", "subject=p1,p2", by_id),
+            ("Observation", "subject=Patient/p1", by_id_and_type),
+            ("Observation", "subject:Patient=p1", by_id_and_type),
+        ] {
+            for plan in search_plans(&fixture, resource_type, query) {
+                let what = format!("{resource_type}?{query}");
+                assert_no_scan(&plan, &what);
+                assert!(plan.contains(lookup), "{what} does not use {lookup}:\n{plan}");
+            }
+        }
+        // Chained: the matching patients, then their referrers by parameter, id and type
+        // (either index has all three).
+        for plan in search_plans(&fixture, "Observation", "patient.identifier=urn:mrn|100") {
+            assert_no_scan(&plan, "patient.identifier");
+            assert!(plan.contains("idx_token_by_value (param=? AND code=?"), "{plan}");
+            let referrers = plan.lines().find(|line| line.contains("SEARCH ref ")).unwrap_or("");
+            assert!(
+                referrers.ends_with(by_id_and_type)
+                    || referrers.ends_with("idx_reference_by_target (target_id=? AND target_type=? AND param=?)"),
+                "{plan}"
+            );
+        }
+    }
+
+    #[test]
+    fn includes_look_up_the_reference_index() {
+        let fixture = fixture();
+        let values = |values: &[&str]| values.iter().map(|value| SqlValue::Text(value.to_string())).collect::<Vec<_>>();
+        let mut forward = vec![SqlValue::Integer(1)];
+        forward.extend(values(&["Observation.patient"]));
+        forward.push(SqlValue::Null);
+        let include = plan(&fixture.connection, INCLUDE_SQL, &forward);
+        assert_no_scan(&include, "_include");
+        assert!(include.contains("idx_reference_by_resource (rid=? AND param=?)"), "{include}");
+        let reverse = values(&["p1", "Patient", "Observation.patient"]);
+        let revinclude = plan(&fixture.connection, REVINCLUDE_SQL, &reverse);
+        assert_no_scan(&revinclude, "_revinclude");
+        assert!(
+            revinclude.contains("idx_reference_by_param_id (param=? AND target_id=? AND target_type=?)")
+                || revinclude.contains("idx_reference_by_target (target_id=? AND target_type=? AND param=?)"),
+            "{revinclude}"
+        );
+        // The compartment check of a patient-level read: from the resource's key.
+        let check = plan(&fixture.connection, IN_COMPARTMENT_SQL, &values(&["Observation", "o1", "p1"]));
+        assert_no_scan(&check, "compartment check");
+        assert!(check.starts_with("SEARCH r USING COVERING INDEX sqlite_autoindex_resources_1 (type=? AND id=?)"));
+        assert!(check.contains("idx_reference_by_resource (rid=?)"), "{check}");
+        // $everything: the patient and what references it.
+        let mut query = parse("Patient", &pairs("_count=5"), Handling::Strict).unwrap();
+        query.compartment = Some("p1".into());
+        let statements = statements(&query, None);
+        let everything = plan(&fixture.connection, &statements.page, &statements.values);
+        assert_no_scan(&everything, "$everything");
+    }
+
+    #[test]
+    fn pages_sorted_by_last_updated_are_read_in_index_order() {
+        let mut fixture = fixture();
+        for query in ["_sort=-_lastUpdated&_count=2", "_sort=_lastUpdated&_count=2"] {
+            let [_, page] = search_plans(&fixture, "Patient", query);
+            assert!(page.contains("USING INDEX resources_by_time (type=?)"), "{query}:\n{page}");
+            // At most the ties of one instant are sorted, never every match.
+            assert!(!page.contains("USE TEMP B-TREE FOR ORDER BY"), "{query} sorts every match:\n{page}");
+        }
+        // A next page starts at its cursor, and paging still returns every patient once.
+        let first = execute(&fixture.connection, &fixture.query("Patient", "_sort=-_lastUpdated&_count=2").unwrap());
+        let next = first.unwrap().next.unwrap();
+        let [_, page] = search_plans(&fixture, "Patient", &next);
+        assert!(page.contains("resources_by_time (type=? AND last_updated_us<?)"), "{next}:\n{page}");
+        // A patient written meanwhile is newer than the cursor: not on a later page.
+        let ids = walk(
+            &mut fixture,
+            "Patient",
+            "_sort=-_lastUpdated&_count=1",
+            json!({"resourceType": "Patient", "id": "p9"}),
+        );
+        assert_eq!(ids, vec!["p3", "p2", "p1"]);
     }
 
     #[test]
