@@ -292,7 +292,14 @@ fn claim(connection: &Connection, limit: usize) -> Result<Vec<Claimed>, Error> {
 }
 
 /// Converts every claimed message; on two or more cores, in parallel chunks.
-fn convert_all(engine: &Engine, claimed: &[Claimed]) -> Vec<Result<Converted, Failure>> {
+/// A converted message with each entry's resource prepared for the store (hash and index
+/// rows computed here, outside the write transaction); `None` for entries without one.
+struct Ready {
+    converted: Converted,
+    prepared: Vec<Option<store::Prepared>>,
+}
+
+fn convert_all(engine: &Engine, claimed: &[Claimed]) -> Vec<Result<Ready, Failure>> {
     let workers = std::thread::available_parallelism().map_or(1, |count| count.get()).min(4);
     if workers <= 1 || claimed.len() < 4 {
         return claimed.iter().map(|message| convert_one(engine, message)).collect();
@@ -316,30 +323,44 @@ fn convert_all(engine: &Engine, claimed: &[Claimed]) -> Vec<Result<Converted, Fa
     })
 }
 
-fn convert_one(engine: &Engine, message: &Claimed) -> Result<Converted, Failure> {
+fn convert_one(engine: &Engine, message: &Claimed) -> Result<Ready, Failure> {
     if message.raw_truncated {
         return Err(Failure::Decode("only the start of an oversize frame was kept".to_string()));
     }
     let charset = Charset::from_name(&message.charset)
         .ok_or_else(|| Failure::Decode(format!("unknown character set {}", message.charset)))?;
     let text = charset.decode(&message.raw).map_err(|error| Failure::Decode(error.to_string()))?;
-    engine.convert(&text).map_err(Failure::Convert)
+    let converted = engine.convert(&text).map_err(Failure::Convert)?;
+    let prepared = entries(&converted)
+        .map(|entry| match (method_of(entry), entry.get("resource")) {
+            ("DELETE", _) | (_, None) => None,
+            (_, Some(resource)) => Some(store::prepare(resource)),
+        })
+        .collect();
+    Ok(Ready { converted, prepared })
+}
+
+fn entries(converted: &Converted) -> impl Iterator<Item = &Value> {
+    converted.bundle.get("entry").and_then(Value::as_array).into_iter().flatten()
+}
+
+fn method_of(entry: &Value) -> &str {
+    entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("PUT")
 }
 
 /// Writes one message's outcome; returns the number of resources stored.
 fn apply(
     transaction: &rusqlite::Transaction<'_>,
     message: &Claimed,
-    outcome: &Result<Converted, Failure>,
+    outcome: &Result<Ready, Failure>,
     now_us: i64,
     outbox: Option<&Producer>,
 ) -> Result<usize, Error> {
     match outcome {
-        Ok(converted) => {
+        Ok(Ready { converted, prepared }) => {
             let mut stored = 0;
-            for entry in converted.bundle.get("entry").and_then(Value::as_array).into_iter().flatten() {
-                let method = entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("PUT");
-                match (method, entry.get("resource")) {
+            for (entry, prepared) in entries(converted).zip(prepared) {
+                match (method_of(entry), entry.get("resource")) {
                     ("DELETE", _) => {
                         let url = entry.pointer("/request/url").and_then(Value::as_str).unwrap_or("");
                         if let Some((resource_type, id)) = url.split_once('/') {
@@ -347,7 +368,12 @@ fn apply(
                         }
                     }
                     (_, Some(resource)) => {
-                        store::put(transaction, resource, now_us, Some(message.id))?;
+                        match prepared {
+                            Some(prepared) => {
+                                store::put_prepared(transaction, resource, prepared, now_us, Some(message.id))?
+                            }
+                            None => store::put(transaction, resource, now_us, Some(message.id))?,
+                        };
                         stored += 1;
                     }
                     (_, None) => {}

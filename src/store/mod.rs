@@ -157,6 +157,22 @@ pub enum PutOutcome {
     },
 }
 
+/// The CPU work of a [`put`] that does not need the database: the content hash and the
+/// search index rows. The pipeline prepares resources while converting, in parallel and
+/// before it takes SQLite's write lock, so that the lock (which the journal's commits wait
+/// for) is held only for the writes. Index rows do not depend on `meta` (no parameter reads
+/// it; `_lastUpdated` is a column), so they are the same before and after the put sets it.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    hash: Vec<u8>,
+    rows: Vec<Row>,
+}
+
+/// Prepares `resource` for [`put_prepared`].
+pub fn prepare(resource: &Value) -> Prepared {
+    Prepared { hash: content_hash(resource), rows: index::extract(resource) }
+}
+
 /// Writes `resource` (which must have `resourceType` and `id`) as the new current version,
 /// unless its content equals the current one. Sets `meta.versionId` and `meta.lastUpdated`
 /// (from `now_us`), keeps the history row and rebuilds the resource's index rows.
@@ -164,6 +180,18 @@ pub enum PutOutcome {
 pub fn put(
     transaction: &rusqlite::Transaction<'_>,
     resource: &serde_json::Value,
+    now_us: i64,
+    message_id: Option<i64>,
+) -> Result<PutOutcome, StoreError> {
+    put_prepared(transaction, resource, &prepare(resource), now_us, message_id)
+}
+
+/// [`put`] with the hash and index rows computed beforehand by [`prepare`] on the same
+/// `resource`.
+pub fn put_prepared(
+    transaction: &rusqlite::Transaction<'_>,
+    resource: &serde_json::Value,
+    prepared: &Prepared,
     now_us: i64,
     message_id: Option<i64>,
 ) -> Result<PutOutcome, StoreError> {
@@ -178,7 +206,8 @@ pub fn put(
         .and_then(Value::as_str)
         .filter(|id| !id.is_empty())
         .ok_or_else(|| StoreError::Malformed(format!("{resource_type} without id")))?;
-    let hash = content_hash(resource);
+    let Prepared { hash, rows } = prepared;
+    let hash = hash.as_slice();
 
     let current: Option<(i64, i64, bool, Vec<u8>, String)> = transaction
         .prepare_cached("SELECT rid, version, deleted, content_hash, body FROM resources WHERE type = ?1 AND id = ?2")?
@@ -228,7 +257,7 @@ pub fn put(
     };
     insert_version(transaction, resource_type, id, version, now_us, false, message_id, &body)?;
     remove_index_rows(transaction, rid)?;
-    write_index_rows(transaction, rid, &stored)?;
+    write_index_rows(transaction, rid, rows)?;
     Ok(match current {
         Some((_, _, false, ..)) => PutOutcome::Updated { version },
         _ => PutOutcome::Created { version },
@@ -291,8 +320,8 @@ fn remove_index_rows(transaction: &rusqlite::Transaction<'_>, rid: i64) -> Resul
     Ok(())
 }
 
-fn write_index_rows(transaction: &rusqlite::Transaction<'_>, rid: i64, resource: &Value) -> Result<(), StoreError> {
-    for row in index::extract(resource) {
+fn write_index_rows(transaction: &rusqlite::Transaction<'_>, rid: i64, rows: &[Row]) -> Result<(), StoreError> {
+    for row in rows {
         match row {
             Row::String { key, norm, exact } => transaction
                 .prepare_cached("INSERT INTO idx_string (rid, param, norm, exact) VALUES (?1, ?2, ?3, ?4)")?
@@ -331,7 +360,7 @@ pub fn reindex(transaction: &rusqlite::Transaction<'_>) -> Result<u64, StoreErro
         let body: String = row.get(3)?;
         let resource: Value =
             serde_json::from_str(&body).map_err(|error| StoreError::Damaged(name, error.to_string()))?;
-        write_index_rows(transaction, rid, &resource)?;
+        write_index_rows(transaction, rid, &index::extract(&resource))?;
         count += 1;
     }
     Ok(count)
