@@ -4,21 +4,14 @@
 //!
 //! # Design
 //! - **One worker thread** owns a write connection. It claims the oldest `accepted` journal
-//!   rows (up to [`BATCH`]), converts them and prepares their resources for the store (in
-//!   parallel: conversion is pure), then applies the results **in journal order**, one
-//!   transaction per message: each Bundle entry is put into the store, and the row becomes
-//!   `processed` (with its conversion report) or `failed` (with the error). Journal order
-//!   is arrival order, so each sender's messages are applied in the order they were sent:
-//!   an A08 after an A01 updates the Patient the A01 created.
-//! - **The journal goes first.** SQLite has one write lock, and the journal's commits gate
-//!   ACKs. So the pipeline holds the lock only for one message's writes (the hashing and
-//!   index extraction were done before), and its commits do not wait for the disk: its
-//!   connection uses `synchronous=NORMAL`, so its WAL frames become durable with the next
-//!   fsync of the log (the journal's next commit, the outbox's, or a checkpoint).
-//! - **Crash safety.** A crash (or power loss) before a message's transaction is durable
-//!   leaves its row `accepted` (the journal's own commit was fsynced); it is converted again
-//!   at the next start. Putting an unchanged resource writes nothing and the outbox ignores
-//!   a second Bundle for a message, so the repeat is harmless.
+//!   rows (up to [`BATCH`]), converts them (in parallel, conversion is pure), then applies
+//!   the results **in journal order** in one transaction: each Bundle entry is put into the
+//!   store, and the row becomes `processed` (with its conversion report) or `failed` (with
+//!   the error). Journal order is arrival order, so each sender's messages are applied in
+//!   the order they were sent: an A08 after an A01 updates the Patient the A01 created.
+//! - **Crash safety.** A crash before the commit leaves the rows `accepted`; they are
+//!   converted again at the next start. Putting an unchanged resource writes nothing, so
+//!   the repeat is harmless.
 //! - **Failures stay with the message.** A message that cannot be decoded, parsed or mapped
 //!   is `failed` with the reason. After the mapping is fixed (and reloaded), an operator
 //!   requeues it ([`requeue`], via `/admin` or the `messages reprocess` command).
@@ -38,7 +31,8 @@ use crate::outbox::Producer;
 use crate::store::{self, StoreError};
 use crate::telemetry::{self, Metrics};
 
-/// Most messages claimed and converted together (each is then committed on its own).
+/// Most messages converted and committed together. Small enough that the write lock is
+/// held only for a few milliseconds, so the journal (whose commits gate ACKs) rarely waits.
 pub const BATCH: usize = 16;
 /// How often an idle worker looks for requeued messages nobody signalled.
 pub const IDLE_POLL: Duration = Duration::from_millis(500);
@@ -126,8 +120,6 @@ impl Pipeline {
         outbox: Option<Producer>,
     ) -> Result<Pipeline, Error> {
         let connection = crate::db::open(path)?;
-        // Durable with the log's next fsync; see "The journal goes first" above.
-        connection.pragma_update(None, "synchronous", "NORMAL")?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let worker = Worker { connection, engine, metrics, wakeup: wakeup.clone(), stop: stop.clone(), outbox };
         let thread = std::thread::Builder::new()
@@ -236,14 +228,12 @@ impl Worker {
         let engine = self.engine.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         let outcomes = convert_all(&engine, &claimed);
         let now_us = telemetry::now_us();
+        let transaction = self.connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut counts = Vec::with_capacity(claimed.len());
         for (message, outcome) in claimed.iter().zip(&outcomes) {
-            // One message per transaction: the write lock is free for the journal between
-            // messages. An error leaves this and later messages `accepted`, to be tried again.
-            let transaction = self.connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             counts.push(apply(&transaction, message, outcome, now_us, self.outbox.as_ref())?);
-            transaction.commit()?;
         }
+        transaction.commit()?;
         if let Some(outbox) = &self.outbox {
             outbox.notify();
         }
