@@ -165,11 +165,6 @@ impl Schedule {
     pub fn next_due_us(&self) -> Option<i64> {
         self.waiting.first_key_value().map(|((due_us, _), _)| *due_us)
     }
-
-    /// True when a partition can be taken now.
-    pub fn has_ready(&self) -> bool {
-        !self.ready.is_empty()
-    }
 }
 
 #[cfg(test)]
