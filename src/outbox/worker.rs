@@ -334,17 +334,21 @@ async fn turn(shared: &Shared, finished: Vec<Finished>, capacity: usize, reload:
     .await;
     match stepped {
         Ok(turn) => {
-            let metrics = &shared.metrics;
-            metrics.outbox_deliveries.inc_by(turn.delivered_created_at_us.len() as u64);
-            for created_at_us in &turn.delivered_created_at_us {
-                metrics.outbox_delivery_latency.observe((now_us - created_at_us).max(0) as f64 / 1e6);
-            }
+            count_delivered(&shared.metrics, &turn.delivered_created_at_us, now_us);
             turn
         }
         Err(error) => {
             tracing::error!(error = %error, "outbox worker step failed");
             Turn { batches: Vec::new(), delivered_created_at_us: Vec::new(), next_due_us: None }
         }
+    }
+}
+
+/// Counts recorded deliveries and their queue-to-delivery latency.
+fn count_delivered(metrics: &Metrics, created_at_us: &[i64], now_us: i64) {
+    metrics.outbox_deliveries.inc_by(created_at_us.len() as u64);
+    for created in created_at_us {
+        metrics.outbox_delivery_latency.observe((now_us - created).max(0) as f64 / 1e6);
     }
 }
 
@@ -423,11 +427,7 @@ async fn deliver(shared: Arc<Shared>, batch: Batch) -> Finished {
             let recorded =
                 with_database(&shared.database, move |local| queue::record(&local.connection, &[outcome])).await;
             match recorded {
-                Ok(()) if delivered => {
-                    shared.metrics.outbox_deliveries.inc();
-                    let latency = (telemetry::now_us() - row.created_at_us).max(0) as f64 / 1e6;
-                    shared.metrics.outbox_delivery_latency.observe(latency);
-                }
+                Ok(()) if delivered => count_delivered(&shared.metrics, &[row.created_at_us], telemetry::now_us()),
                 Ok(()) => {}
                 Err(error) => {
                     tracing::error!(outbox = row.id, error = %error, "cannot record the delivery outcome");
