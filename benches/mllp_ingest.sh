@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Durable MLLP ingest benchmark: the gateway (every message fsynced before its ACK) side by
 # side with simple-hl7 (Node.js, stores nothing) and a raw ACK server (the load generator's
-# own ceiling), all measured in one run with ../shared/bench/loadgen.py.
+# own ceiling), all measured in one run with two load generators: ../shared/bench/loadgen.py
+# (Python, the shared reference) and src/bin/mllp-load.rs (the same rules in Rust, whose
+# own ceiling is higher).
 #
 # Each connection sends a ~1.2 KiB ADT^A01 and waits for its ACK before the next (window 1).
 # Runs: 1 connection x 5,000 messages and 8 connections x 20,000 messages, 3 repeats each;
-# medians are printed as a Markdown table for BENCHMARKS.md.
+# medians are printed as a Markdown table for BENCHMARKS.md. The gateway converts what it
+# receives while it is measured (its pipeline runs at a lower CPU priority than the ACKs).
 #
 # Usage: benches/mllp_ingest.sh            (needs ../shared/bench; loopback only)
+#        CLIENTS=python benches/mllp_ingest.sh   (only one load generator: python or rust)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 shared=${SHARED_DIR:-$root/../shared}
@@ -24,9 +28,12 @@ if [ ! -d "$node_dir/node_modules/simple-hl7" ]; then
 fi
 
 target_dir=${CARGO_TARGET_DIR:-$root/target}
-# GATEWAY_BIN: measure an already built binary instead of building one.
+# GATEWAY_BIN: measure an already built binary instead of building one (both binaries come
+# from one `cargo build --release`).
 gateway=${GATEWAY_BIN:-$target_dir/release/hl7-fhir-gateway}
 [ -n "${GATEWAY_BIN:-}" ] || (cd "$root" && cargo build --release --quiet)
+rust_loadgen=$target_dir/release/mllp-load
+clients=${CLIENTS:-python rust}
 data=$(mktemp -d)
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$data"; }
@@ -46,27 +53,39 @@ done
 sleep 1
 
 results="$data/results.jsonl"
-run() { # label port connections total
-  "$venv/bin/python" "$bench/loadgen.py" --uvloop --port "$2" -c "$3" -n "$4" --repeat 3 --json \
-    --message-file "$root/benches/adt_a01_1k.hl7" --label "$1" | grep summary >>"$results"
+run() { # client label port connections total
+  local generator=("$venv/bin/python" "$bench/loadgen.py" --uvloop)
+  [ "$1" = rust ] && generator=("$rust_loadgen")
+  "${generator[@]}" --port "$3" -c "$4" -n "$5" --repeat 3 --json \
+    --message-file "$root/benches/adt_a01_1k.hl7" --label "$2" | grep summary \
+    | sed "s/^{/{\"client\": \"$1\", /" >>"$results"
+  sleep 2 # let the gateway's pipeline and checkpoints settle between runs
 }
-for spec in "raw-ack 6600" "simple-hl7 6602" "gateway 6610"; do
-  set -- $spec
-  run "$1" "$2" 1 5000
-  run "$1" "$2" 8 20000
+for client in $clients; do
+  for spec in "raw-ack 6600" "simple-hl7 6602" "gateway 6610"; do
+    set -- $spec
+    run "$client" "$1" "$2" 1 5000
+    run "$client" "$1" "$2" 8 20000
+  done
 done
 
-echo "stored in the gateway's journal: $(sqlite3 "$data/gateway.db" 'select count(*) from messages' 2>/dev/null || echo '?') rows"
+echo "stored in the gateway's journal: $(sqlite3 "$data/journal.db" 'select count(*) from messages' 2>/dev/null || echo '?') rows"
 "$venv/bin/python" - "$results" <<'PY'
 import json, sys
-rows = [json.loads(line)["summary"] for line in open(sys.argv[1])]
-by = {(r["label"], r["connections"]): r for r in rows}
-print("| server | connections | msg/s (median of 3) | ACK p50 ms | ACK p99 ms | errors |")
-print("|---|---|---|---|---|---|")
+rows = []
+for line in open(sys.argv[1]):
+    record = json.loads(line)
+    rows.append(dict(record["summary"], client=record["client"]))
+by = {(r["client"], r["label"], r["connections"]): r for r in rows}
+print("| load generator | server | connections | msg/s (median of 3) | ACK p50 ms | ACK p99 ms | errors |")
+print("|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r['label']} | {r['connections']} | {r['median_msgs_per_s']:,.0f} | {r['median_p50_ms']} | {r['median_p99_ms']} | {'yes' if r['errors_any'] else 'none'} |")
-for c in (1, 8):
-    g, n = by.get(("gateway", c)), by.get(("simple-hl7", c))
-    if g and n:
-        print(f"\ngateway / simple-hl7 at {c} connection(s): {g['median_msgs_per_s'] / n['median_msgs_per_s']:.2f}")
+    print(f"| {r['client']} | {r['label']} | {r['connections']} | {r['median_msgs_per_s']:,.0f} | {r['median_p50_ms']} | {r['median_p99_ms']} | {'yes' if r['errors_any'] else 'none'} |")
+print()
+for client in ("python", "rust"):
+    for c in (1, 8):
+        g, n, raw = (by.get((client, label, c)) for label in ("gateway", "simple-hl7", "raw-ack"))
+        if g and n and raw:
+            print(f"{client} client, {c} connection(s): gateway / simple-hl7 {g['median_msgs_per_s'] / n['median_msgs_per_s']:.2f}, "
+                  f"gateway / raw-ack {g['median_msgs_per_s'] / raw['median_msgs_per_s']:.2f}")
 PY

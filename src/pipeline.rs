@@ -1,17 +1,24 @@
 //! The processing pipeline, the one module that knows the whole flow: journal row →
-//! decode → parse → map → store, with the message's outcome written in the same SQLite
-//! transaction as its resources.
+//! decode → parse → map → store, then the message's outcome recorded in the journal.
 //!
 //! # Design
-//! - **One worker thread** owns a write connection. It claims the oldest `accepted` journal
-//!   rows (up to [`BATCH`]), converts them (in parallel, conversion is pure), then applies
-//!   the results **in journal order** in one transaction: each Bundle entry is put into the
-//!   store, and the row becomes `processed` (with its conversion report) or `failed` (with
-//!   the error). Journal order is arrival order, so each sender's messages are applied in
-//!   the order they were sent: an A08 after an A01 updates the Patient the A01 created.
-//! - **Crash safety.** A crash before the commit leaves the rows `accepted`; they are
-//!   converted again at the next start. Putting an unchanged resource writes nothing, so
-//!   the repeat is harmless.
+//! - **One worker thread** owns the store's write connection. It reads the oldest
+//!   `accepted` journal rows (up to [`BATCH`]), converts them (in parallel, conversion is
+//!   pure), then applies the results **in journal order** in one store transaction: each
+//!   Bundle entry is put into the store and the Bundle queued for the aggregator. After that
+//!   commit, each row becomes `processed` (with its conversion report) or `failed` (with the
+//!   error) through the journal's writer (the journal file's only writer). Journal order is
+//!   arrival order, so each sender's messages are applied in the order they were sent: an
+//!   A08 after an A01 updates the Patient the A01 created.
+//! - **Second to the ACKs.** The worker and its conversion threads run at a lower CPU
+//!   priority ([`PRIORITY`]) than the MLLP listener and the journal writer: on a busy
+//!   machine, senders get their ACKs first and the backlog (`hl7gw_pipeline_backlog`,
+//!   `/admin/messages/stats`) is converted as CPU comes free.
+//! - **Crash safety.** A crash before the store commit leaves the rows `accepted`; a crash
+//!   between the store commit and the journal's leaves them `accepted` with their resources
+//!   stored. Either way they are converted again at the next start: putting an unchanged
+//!   resource writes nothing and a message is queued for the aggregator once, so the repeat
+//!   is harmless.
 //! - **Failures stay with the message.** A message that cannot be decoded, parsed or mapped
 //!   is `failed` with the reason. After the mapping is fixed (and reloaded), an operator
 //!   requeues it ([`requeue`], via `/admin` or the `messages reprocess` command).
@@ -26,6 +33,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 
 use crate::hl7::charset::Charset;
+use crate::journal::Journal;
 use crate::mapping::{ConvertError, Converted, Engine};
 use crate::outbox::Producer;
 use crate::store::{self, StoreError};
@@ -34,6 +42,9 @@ use crate::telemetry::{self, Metrics};
 /// Most messages converted and committed together. Small enough that the write lock is
 /// held only for a few milliseconds, so the journal (whose commits gate ACKs) rarely waits.
 pub const BATCH: usize = 16;
+/// The worker's nice value (Linux): 10 gives it about a tenth of a core that the MLLP
+/// listener and journal writer (nice 0) also want, and all of an idle one.
+pub const PRIORITY: i32 = 10;
 /// How often an idle worker looks for requeued messages nobody signalled.
 pub const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Wait after a failed store transaction before trying the batch again.
@@ -54,6 +65,9 @@ pub enum Error {
     /// The outbox refused a Bundle.
     #[error(transparent)]
     Outbox(#[from] crate::outbox::Error),
+    /// The journal did not record the outcomes (they are recorded when the batch is retried).
+    #[error("pipeline: recording outcomes in the journal: {0}")]
+    Journal(crate::journal::Error),
     /// The worker thread could not be started.
     #[error("cannot start the pipeline thread: {0}")]
     Thread(std::io::Error),
@@ -108,20 +122,21 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Opens a write connection to the database at `path` and starts the worker.
+    /// Opens a write connection to the store database at `store` and starts the worker,
+    /// which reads `journal`'s file and records outcomes through its writer.
     /// `wakeup` is the signal the journal and the admin API raise when there is work.
     /// With `outbox`, each converted message's Bundle is queued for the aggregator in the
     /// transaction that stores its resources.
     pub fn start(
-        path: &Path,
+        store: &Path,
+        journal: Journal,
         engine: SharedEngine,
         wakeup: Arc<Wakeup>,
         metrics: Arc<Metrics>,
         outbox: Option<Producer>,
     ) -> Result<Pipeline, Error> {
-        let connection = crate::db::open(path)?;
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let worker = Worker { connection, engine, metrics, wakeup: wakeup.clone(), stop: stop.clone(), outbox };
+        let worker = Worker::open(store, journal, engine, metrics, wakeup.clone(), outbox)?;
+        let stop = worker.stop.clone();
         let thread = std::thread::Builder::new()
             .name("pipeline".to_string())
             .spawn(move || worker.run())
@@ -157,7 +172,12 @@ impl Drop for Pipeline {
 }
 
 struct Worker {
+    /// Write connection to the store.
     connection: Connection,
+    /// Read connection to the journal.
+    journal_reader: Connection,
+    /// The journal's writer, which records outcomes.
+    journal: Journal,
     engine: SharedEngine,
     metrics: Arc<Metrics>,
     wakeup: Arc<Wakeup>,
@@ -205,7 +225,28 @@ impl Failure {
 }
 
 impl Worker {
+    fn open(
+        store: &Path,
+        journal: Journal,
+        engine: SharedEngine,
+        metrics: Arc<Metrics>,
+        wakeup: Arc<Wakeup>,
+        outbox: Option<Producer>,
+    ) -> Result<Worker, Error> {
+        Ok(Worker {
+            connection: crate::db::open(store)?,
+            journal_reader: crate::db::open_journal(journal.path())?,
+            journal,
+            engine,
+            metrics,
+            wakeup,
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            outbox,
+        })
+    }
+
     fn run(mut self) {
+        lower_priority();
         while !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
             match self.step() {
                 Ok(0) => self.wakeup.wait(IDLE_POLL),
@@ -220,7 +261,7 @@ impl Worker {
 
     /// Claims, converts and stores one batch; returns how many messages it handled.
     fn step(&mut self) -> Result<usize, Error> {
-        let claimed = claim(&self.connection, BATCH)?;
+        let claimed = claim(&self.journal_reader, BATCH)?;
         if claimed.is_empty() {
             self.metrics.pipeline_backlog.set(0);
             return Ok(0);
@@ -237,6 +278,20 @@ impl Worker {
         if let Some(outbox) = &self.outbox {
             outbox.notify();
         }
+        let recorded: Vec<Recorded> = claimed
+            .iter()
+            .zip(&outcomes)
+            .map(|(message, outcome)| Recorded {
+                id: message.id,
+                outcome: match outcome {
+                    Ok(ready) => Ok(serde_json::to_string(&ready.converted.report).unwrap_or_default()),
+                    Err(failure) => Err(failure.to_string()),
+                },
+            })
+            .collect();
+        self.journal
+            .apply_blocking(Box::new(move |journal| record(journal, &recorded, now_us)))
+            .map_err(Error::Journal)?;
         for (message, (outcome, resources)) in claimed.iter().zip(outcomes.iter().zip(counts)) {
             let latency = (now_us - message.received_at_us).max(0) as f64 / 1e6;
             self.metrics.pipeline_latency.observe(latency);
@@ -260,7 +315,7 @@ impl Worker {
             }
         }
         let backlog: i64 =
-            self.connection
+            self.journal_reader
                 .query_row("SELECT count(*) FROM messages WHERE status = 'accepted'", [], |row| row.get(0))?;
         self.metrics.pipeline_backlog.set(backlog);
         Ok(claimed.len())
@@ -348,7 +403,8 @@ fn method_of(entry: &Value) -> &str {
     entry.pointer("/request/method").and_then(Value::as_str).unwrap_or("PUT")
 }
 
-/// Writes one message's outcome; returns the number of resources stored.
+/// Stores one converted message's resources and queues its Bundle; returns the number of
+/// resources stored. A failed message writes nothing to the store.
 fn apply(
     transaction: &rusqlite::Transaction<'_>,
     message: &Claimed,
@@ -382,24 +438,44 @@ fn apply(
             if let Some(outbox) = outbox {
                 outbox.enqueue(transaction, message.id, &converted.bundle, &message.sender)?;
             }
-            let report = serde_json::to_string(&converted.report).unwrap_or_default();
-            transaction
-                .prepare_cached(
-                    "UPDATE messages SET status = 'processed', error = NULL, report = ?2,
-                        processed_at_us = ?3, attempts = attempts + 1 WHERE id = ?1",
-                )?
-                .execute(params![message.id, report, now_us])?;
             Ok(stored)
         }
-        Err(failure) => {
-            transaction
-                .prepare_cached(
-                    "UPDATE messages SET status = 'failed', error = ?2, report = NULL,
-                        processed_at_us = ?3, attempts = attempts + 1 WHERE id = ?1",
-                )?
-                .execute(params![message.id, failure.to_string(), now_us])?;
-            Ok(0)
-        }
+        Err(_) => Ok(0),
+    }
+}
+
+/// A message's outcome, to be written to its journal row.
+struct Recorded {
+    id: i64,
+    /// The conversion report (JSON), or why the message failed.
+    outcome: Result<String, String>,
+}
+
+/// Writes outcomes to their journal rows (run by the journal's writer).
+fn record(journal: &Connection, recorded: &[Recorded], now_us: i64) -> rusqlite::Result<()> {
+    let mut processed = journal.prepare_cached(
+        "UPDATE messages SET status = 'processed', error = NULL, report = ?2,
+            processed_at_us = ?3, attempts = attempts + 1 WHERE id = ?1",
+    )?;
+    let mut failed = journal.prepare_cached(
+        "UPDATE messages SET status = 'failed', error = ?2, report = NULL,
+            processed_at_us = ?3, attempts = attempts + 1 WHERE id = ?1",
+    )?;
+    for row in recorded {
+        match &row.outcome {
+            Ok(report) => processed.execute(params![row.id, report, now_us])?,
+            Err(error) => failed.execute(params![row.id, error, now_us])?,
+        };
+    }
+    Ok(())
+}
+
+/// Lowers the calling thread's CPU priority to [`PRIORITY`]; threads it starts inherit it.
+/// Where the OS refuses (or is not Linux), the pipeline runs at normal priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), PRIORITY) {
+        tracing::warn!(error = %error, "cannot lower the pipeline's CPU priority");
     }
 }
 
@@ -597,15 +673,41 @@ PV1|1|I|W^2^A^HOSP||||||||||||||||V-7^^^HOSP^VN\r";
         connection.last_insert_rowid()
     }
 
-    fn worker(path: &Path) -> Worker {
-        Worker {
-            connection: crate::db::open(path).unwrap(),
-            engine: shared(Engine::builtin().unwrap()),
-            metrics: Arc::new(Metrics::new()),
-            wakeup: Arc::new(Wakeup::default()),
-            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            outbox: None,
+    /// A data directory with both databases, the journal's writer and a worker over them.
+    struct Fixture {
+        _directory: tempfile::TempDir,
+        store_path: std::path::PathBuf,
+        /// Connection to the store database.
+        store: Connection,
+        /// Connection to the journal database.
+        journal: Connection,
+        writer: Journal,
+    }
+
+    fn fixture() -> Fixture {
+        let directory = tempfile::tempdir().unwrap();
+        let store_path = directory.path().join(crate::db::STORE_FILE);
+        let journal_path = directory.path().join(crate::db::JOURNAL_FILE);
+        let (writer, _thread) = Journal::open(&journal_path).unwrap();
+        Fixture {
+            store: crate::db::open(&store_path).unwrap(),
+            journal: crate::db::open_journal(&journal_path).unwrap(),
+            store_path,
+            writer,
+            _directory: directory,
         }
+    }
+
+    fn worker(fixture: &Fixture) -> Worker {
+        Worker::open(
+            &fixture.store_path,
+            fixture.writer.clone(),
+            shared(Engine::builtin().unwrap()),
+            Arc::new(Metrics::new()),
+            Arc::new(Wakeup::default()),
+            None,
+        )
+        .unwrap()
     }
 
     fn status_of(connection: &Connection, id: i64) -> (String, Option<String>, i64) {
@@ -625,17 +727,16 @@ PV1|1|I|W^2^A^HOSP||||||||||||||||V-7^^^HOSP^VN\r";
 
     #[test]
     fn messages_are_applied_in_arrival_order_and_an_update_makes_a_new_version() {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("gateway.db");
-        let connection = crate::db::open(&path).unwrap();
-        let first = insert(&connection, "P-A01", A01);
-        let second = insert(&connection, "P-A08", A08);
-        let mut worker = worker(&path);
+        let fixture = fixture();
+        let connection = &fixture.journal;
+        let first = insert(connection, "P-A01", A01);
+        let second = insert(connection, "P-A08", A08);
+        let mut worker = worker(&fixture);
         assert_eq!(worker.step().unwrap(), 2);
         assert_eq!(worker.step().unwrap(), 0);
-        assert_eq!(status_of(&connection, first).0, "processed");
-        assert_eq!(status_of(&connection, second).0, "processed");
-        let patient = patient_of(&connection);
+        assert_eq!(status_of(connection, first).0, "processed");
+        assert_eq!(status_of(connection, second).0, "processed");
+        let patient = patient_of(&fixture.store);
         assert_eq!(patient.version, 2);
         let body: Value = serde_json::from_str(&patient.body).unwrap();
         assert_eq!(body["name"][0]["given"][0], "Rick");
@@ -647,93 +748,94 @@ PV1|1|I|W^2^A^HOSP||||||||||||||||V-7^^^HOSP^VN\r";
 
     #[test]
     fn reprocessing_an_unchanged_message_creates_no_version() {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("gateway.db");
-        let connection = crate::db::open(&path).unwrap();
-        let id = insert(&connection, "P-A01", A01);
-        let mut worker = worker(&path);
+        let fixture = fixture();
+        let connection = &fixture.journal;
+        let id = insert(connection, "P-A01", A01);
+        let mut worker = worker(&fixture);
         worker.step().unwrap();
-        assert_eq!(requeue(&connection, &Requeue::Ids(vec![id])).unwrap(), 1);
+        assert_eq!(requeue(connection, &Requeue::Ids(vec![id])).unwrap(), 1);
         assert_eq!(worker.step().unwrap(), 1);
-        assert_eq!(status_of(&connection, id), ("processed".to_string(), None, 2));
-        assert_eq!(patient_of(&connection).version, 1);
+        assert_eq!(status_of(connection, id), ("processed".to_string(), None, 2));
+        assert_eq!(patient_of(&fixture.store).version, 1);
     }
 
     #[test]
     fn a_failed_message_keeps_its_error_and_can_be_requeued() {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("gateway.db");
-        let connection = crate::db::open(&path).unwrap();
-        let id = insert(&connection, "P-ZZZ", UNMAPPED);
-        let mut worker = worker(&path);
+        let fixture = fixture();
+        let connection = &fixture.journal;
+        let id = insert(connection, "P-ZZZ", UNMAPPED);
+        let mut worker = worker(&fixture);
         worker.step().unwrap();
-        let (status, error, attempts) = status_of(&connection, id);
+        let (status, error, attempts) = status_of(connection, id);
         assert_eq!((status.as_str(), attempts), ("failed", 1));
         assert!(error.unwrap().contains("no mapping handles ZZZ^Z01"));
         let listed = list_messages(
-            &connection,
+            connection,
             &MessageFilter { status: Some("failed".into()), limit: 10, ..Default::default() },
         )
         .unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].control_id, "P-ZZZ");
-        assert_eq!(requeue(&connection, &Requeue::AllFailed).unwrap(), 1);
-        assert_eq!(status_of(&connection, id).0, "accepted");
+        assert_eq!(requeue(connection, &Requeue::AllFailed).unwrap(), 1);
+        assert_eq!(status_of(connection, id).0, "accepted");
         worker.step().unwrap();
-        assert_eq!(status_of(&connection, id).2, 2);
-        let detail = message_detail(&connection, id).unwrap().unwrap();
+        assert_eq!(status_of(connection, id).2, 2);
+        let detail = message_detail(connection, id).unwrap().unwrap();
         assert!(detail.raw.starts_with("MSH|"));
     }
 
     #[test]
     fn refused_messages_are_never_requeued() {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("gateway.db");
-        let connection = crate::db::open(&path).unwrap();
-        let id = insert(&connection, "P-REF", UNMAPPED);
+        let fixture = fixture();
+        let connection = &fixture.journal;
+        let id = insert(connection, "P-REF", UNMAPPED);
         connection.execute("UPDATE messages SET status = 'refused' WHERE id = ?1", [id]).unwrap();
-        assert_eq!(requeue(&connection, &Requeue::Ids(vec![id])).unwrap(), 0);
-        assert_eq!(requeue(&connection, &Requeue::AllFailed).unwrap(), 0);
+        assert_eq!(requeue(connection, &Requeue::Ids(vec![id])).unwrap(), 0);
+        assert_eq!(requeue(connection, &Requeue::AllFailed).unwrap(), 0);
     }
 
     #[test]
     fn processed_messages_are_queued_for_the_aggregator_once_in_the_same_transaction() {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("gateway.db");
-        let connection = crate::db::open(&path).unwrap();
-        let first = insert(&connection, "P-A01", A01);
-        insert(&connection, "P-ZZZ", UNMAPPED);
-        let mut worker = worker(&path);
+        let fixture = fixture();
+        let connection = &fixture.journal;
+        let first = insert(connection, "P-A01", A01);
+        insert(connection, "P-ZZZ", UNMAPPED);
+        let mut worker = worker(&fixture);
         worker.outbox = Some(Producer::detached(crate::outbox::OrderBy::Patient));
         worker.step().unwrap();
-        let queued: Vec<(i64, String)> = connection
+        let queued: Vec<(i64, String)> = fixture
+            .store
             .prepare("SELECT message_id, partition_key FROM outbox")
             .unwrap()
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        let patient = patient_of(&connection);
+        let patient = patient_of(&fixture.store);
         assert_eq!(queued, vec![(first, format!("Patient/{}", patient.id))]);
-        requeue(&connection, &Requeue::Ids(vec![first])).unwrap();
+        requeue(connection, &Requeue::Ids(vec![first])).unwrap();
         worker.step().unwrap();
-        let count: i64 = connection.query_row("SELECT count(*) FROM outbox", [], |row| row.get(0)).unwrap();
+        let count: i64 = fixture.store.query_row("SELECT count(*) FROM outbox", [], |row| row.get(0)).unwrap();
         assert_eq!(count, 1, "a message is queued once");
     }
 
     #[test]
     fn the_worker_wakes_on_a_signal_and_stops_when_asked() {
-        let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("gateway.db");
-        let connection = crate::db::open(&path).unwrap();
+        let fixture = fixture();
         let wakeup = Arc::new(Wakeup::default());
-        let pipeline =
-            Pipeline::start(&path, shared(Engine::builtin().unwrap()), wakeup.clone(), Arc::new(Metrics::new()), None)
-                .unwrap();
-        let id = insert(&connection, "P-A01", A01);
+        let pipeline = Pipeline::start(
+            &fixture.store_path,
+            fixture.writer.clone(),
+            shared(Engine::builtin().unwrap()),
+            wakeup.clone(),
+            Arc::new(Metrics::new()),
+            None,
+        )
+        .unwrap();
+        let id = insert(&fixture.journal, "P-A01", A01);
         wakeup.wake();
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while status_of(&connection, id).0 != "processed" {
+        while status_of(&fixture.journal, id).0 != "processed" {
             assert!(std::time::Instant::now() < deadline, "the worker never processed the message");
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -27,8 +27,10 @@ use crate::pipeline::{self, Pipeline, Wakeup};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
-/// File name of the database inside the data directory.
-pub const DATABASE_FILE: &str = "gateway.db";
+/// File name of the store database inside the data directory.
+pub const DATABASE_FILE: &str = crate::db::STORE_FILE;
+/// File name of the journal database inside the data directory.
+pub const JOURNAL_FILE: &str = crate::db::JOURNAL_FILE;
 
 /// Read connections the FHIR API may use at once.
 pub const STORE_READERS: usize = 16;
@@ -56,8 +58,10 @@ pub struct Gateway {
     pub mllp_address: SocketAddr,
     /// Bound HTTP address.
     pub http_address: SocketAddr,
-    /// Path of the SQLite database.
+    /// Path of the store database (resources, search indexes, outbox).
     pub database: PathBuf,
+    /// Path of the journal database (messages as received, and their status).
+    pub journal: PathBuf,
     /// Metrics of this gateway.
     pub metrics: Arc<Metrics>,
     shutdown: CancellationToken,
@@ -102,6 +106,7 @@ impl Gateway {
         std::fs::create_dir_all(&settings.data_dir)
             .with_context(|| format!("cannot create data directory {}", settings.data_dir.display()))?;
         let database = settings.data_dir.join(DATABASE_FILE);
+        let journal_file = settings.data_dir.join(JOURNAL_FILE);
         let engine = Engine::load(&settings.mappings).map_err(|errors| {
             let listing: Vec<String> = errors.iter().map(ToString::to_string).collect();
             anyhow::anyhow!("{} mapping error(s):\n{}", errors.len(), listing.join("\n"))
@@ -115,7 +120,7 @@ impl Gateway {
         let wakeup = Arc::new(Wakeup::default());
         let notify_pipeline = wakeup.clone();
         let (journal, journal_thread) =
-            Journal::open_notifying(&database, Some(Arc::new(move || notify_pipeline.wake())))?;
+            Journal::open_notifying(&journal_file, Some(Arc::new(move || notify_pipeline.wake())))?;
         let metrics = Arc::new(Metrics::new());
         let outbox = match &settings.aggregator {
             Some(aggregator) => Some(
@@ -126,6 +131,7 @@ impl Gateway {
         };
         let pipeline = Pipeline::start(
             &database,
+            journal.clone(),
             engine.clone(),
             wakeup.clone(),
             metrics.clone(),
@@ -179,6 +185,7 @@ impl Gateway {
             metrics: metrics.clone(),
             admin: Arc::new(api::admin::AdminState {
                 database: database.clone(),
+                journal: journal_file.clone(),
                 engine,
                 sources: settings.mappings.clone(),
                 wakeup,
@@ -217,16 +224,17 @@ impl Gateway {
                 force.cancel();
                 connections.wait().await;
             }
-            // Dropping the last journal handle lets the writer commit its queue and stop.
             drop(context);
+            // The pipeline finishes the batch it is on (recording its outcomes through the
+            // journal's writer); what it has not claimed stays `accepted` for the next start.
+            if tokio::task::spawn_blocking(move || pipeline.stop()).await.is_err() {
+                tracing::error!("pipeline did not stop cleanly");
+            }
+            // With the listener's and the pipeline's handles gone, the writer commits its
+            // queue and stops.
             let joined = tokio::task::spawn_blocking(move || journal_thread.join()).await;
             if !matches!(joined, Ok(Ok(()))) {
                 tracing::error!("journal writer did not stop cleanly");
-            }
-            // The pipeline finishes the batch it is on; what it has not claimed stays
-            // `accepted` in the journal for the next start.
-            if tokio::task::spawn_blocking(move || pipeline.stop()).await.is_err() {
-                tracing::error!("pipeline did not stop cleanly");
             }
             // In-flight pushes finish or time out; pending rows wait for the next start.
             if let Some(outbox) = outbox {
@@ -237,7 +245,7 @@ impl Gateway {
         });
 
         tracing::info!(mllp = %mllp_address, http = %http_address, database = %database.display(), "gateway listening");
-        Ok(Gateway { mllp_address, http_address, database, metrics, shutdown, stopped })
+        Ok(Gateway { mllp_address, http_address, database, journal: journal_file, metrics, shutdown, stopped })
     }
 
     /// Begins shutdown without waiting.

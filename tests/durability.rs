@@ -287,7 +287,7 @@ fn assert_journaled(database: &Path, acknowledged: &Acknowledged) {
 async fn every_acknowledged_message_survives_sigkill() {
     let started = Instant::now();
     let data_dir = tempfile::tempdir().unwrap();
-    let database = data_dir.path().join("gateway.db");
+    let database = data_dir.path().join("journal.db");
     let mut acknowledged = Acknowledged::new();
     for cycle in 0..3u64 {
         let gateway = Gateway::start(data_dir.path());
@@ -340,5 +340,5 @@ async fn sigterm_while_sending_exits_zero_and_keeps_every_acknowledged_message()
     );
     eprintln!("{} messages acknowledged before the SIGTERM shutdown completed", acknowledged.len());
     assert!(!acknowledged.is_empty(), "no message was acknowledged before SIGTERM, so the test proves nothing");
-    assert_journaled(&data_dir.path().join("gateway.db"), &acknowledged);
+    assert_journaled(&data_dir.path().join("journal.db"), &acknowledged);
 }

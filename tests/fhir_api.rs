@@ -265,6 +265,7 @@ fn state(database: &Path, verifier: Option<Arc<Verifier>>, auth: Option<auth::Se
         metrics: Arc::new(Metrics::new()),
         admin: Arc::new(AdminState {
             database: database.to_path_buf(),
+            journal: database.with_file_name(hl7_fhir_gateway::db::JOURNAL_FILE),
             engine: pipeline::shared(Engine::builtin().unwrap()),
             sources,
             wakeup: Arc::new(Wakeup::default()),

@@ -174,8 +174,8 @@ struct Row {
 /// Every journal row, in id order, as ingest left it: the pipeline may already have moved an
 /// accepted row on to `processed` or `failed` (with its conversion error), which these MLLP
 /// tests do not look at, so those read as `accepted` without an error.
-fn rows(database: &Path) -> Vec<Row> {
-    let connection = rusqlite::Connection::open(database).expect("database opens");
+fn rows(journal: &Path) -> Vec<Row> {
+    let connection = rusqlite::Connection::open(journal).expect("journal database opens");
     let mut statement = connection
         .prepare(
             "SELECT control_id, status, ack_code, ack, raw, duplicates, charset, error, raw_truncated
@@ -210,9 +210,9 @@ fn rows(database: &Path) -> Vec<Row> {
 
 /// Stops the gateway and returns the journal rows.
 async fn stop_and_read(gateway: Gateway) -> Vec<Row> {
-    let database = gateway.database.clone();
+    let journal = gateway.journal.clone();
     gateway.stop().await;
-    rows(&database)
+    rows(&journal)
 }
 
 /// A good v2.5.1 ADT^A01 from EPIC/HOSP with control id `id`.

@@ -18,6 +18,11 @@
 //!   the original row's ACK is returned and its duplicate counter incremented.
 //! - **Bounded.** The queue to the writer holds at most [`QUEUE_CAPACITY`] requests;
 //!   callers wait when it is full (back-pressure reaches the sender as a slower ACK).
+//! - **One writer.** The journal has a database file of its own (`db::JOURNAL_FILE`), and
+//!   the writer thread is the only one that writes to it: other parts of the gateway that
+//!   change journal rows (the pipeline recording outcomes) hand it their change with
+//!   [`Journal::apply`], and it runs in the writer's next transaction. So an append never
+//!   waits for another writer's lock, and the store's transactions never delay an ACK.
 //! - **Crash recovery** is SQLite's: a transaction either committed (and its ACK may have
 //!   gone out) or it did not (and no ACK was sent). A restart may therefore see a message
 //!   again that was committed but whose ACK was lost; the duplicate check answers it with
@@ -150,9 +155,13 @@ impl Pending {
     }
 }
 
-struct Request {
-    entry: NewEntry,
-    reply: oneshot::Sender<Result<Appended, Error>>,
+/// A change to journal rows, run by the writer inside its transaction (in a savepoint of
+/// its own, so that a failing change does not refuse the appends committed with it).
+pub type Change = Box<dyn FnOnce(&rusqlite::Connection) -> rusqlite::Result<()> + Send>;
+
+enum Request {
+    Append { entry: Box<NewEntry>, reply: oneshot::Sender<Result<Appended, Error>> },
+    Apply { change: Change, reply: oneshot::Sender<Result<(), Error>> },
 }
 
 /// Handle to the journal; cheap to clone. The writer thread stops when the last handle is
@@ -161,6 +170,7 @@ struct Request {
 pub struct Journal {
     sender: mpsc::Sender<Request>,
     healthy: Arc<AtomicBool>,
+    path: Arc<Path>,
 }
 
 impl Journal {
@@ -175,11 +185,21 @@ impl Journal {
         path: &Path,
         committed: Option<Notify>,
     ) -> Result<(Journal, std::thread::JoinHandle<()>), Error> {
-        let connection = crate::db::open(path)?;
+        let connection = crate::db::open_journal(path)?;
+        // The pages every append touches (the right edge of the table and of both indexes)
+        // and the rows the pipeline's outcomes update stay in memory: 16 MiB.
+        connection
+            .pragma_update(None, "cache_size", -16_384)
+            .map_err(|source| crate::db::Error::Sqlite { path: path.display().to_string(), source })?;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
         let thread = writer::spawn(connection, receiver, healthy.clone(), committed);
-        Ok((Journal { sender, healthy }, thread))
+        Ok((Journal { sender, healthy, path: Arc::from(path) }, thread))
+    }
+
+    /// The journal's database file (for readers: the pipeline, the operator API).
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Appends a message and waits until it is durable (or found to be a duplicate).
@@ -192,8 +212,16 @@ impl Journal {
     /// pipelined messages and then wait for each in turn.
     pub async fn submit(&self, entry: NewEntry) -> Result<Pending, Error> {
         let (reply, answer) = oneshot::channel();
-        self.sender.send(Request { entry, reply }).await.map_err(|_| Error::Closed)?;
+        self.sender.send(Request::Append { entry: Box::new(entry), reply }).await.map_err(|_| Error::Closed)?;
         Ok(Pending { answer })
+    }
+
+    /// Runs `change` in the writer's next transaction and waits until it is committed.
+    /// For threads outside the async runtime (the pipeline); it blocks the caller.
+    pub fn apply_blocking(&self, change: Change) -> Result<(), Error> {
+        let (reply, answer) = oneshot::channel();
+        self.sender.blocking_send(Request::Apply { change, reply }).map_err(|_| Error::Closed)?;
+        answer.blocking_recv().map_err(|_| Error::Closed)?
     }
 
     /// False after the last write failed, or when the writer has stopped.

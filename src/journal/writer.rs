@@ -9,6 +9,12 @@ use tokio::sync::mpsc;
 
 use super::{Appended, Error, NewEntry, Notify, Request, Status};
 
+/// What the writer did with one request of a batch.
+enum Done {
+    Appended(Appended),
+    Applied(Result<(), String>),
+}
+
 /// Most appends committed in one transaction.
 pub const MAX_BATCH: usize = 512;
 /// Most appends waiting for the writer.
@@ -41,23 +47,40 @@ fn run(
                 Err(_) => break,
             }
         }
-        match write_batch(&mut connection, &batch) {
+        match write_batch(&mut connection, &mut batch) {
             Ok(outcomes) => {
                 healthy.store(true, Ordering::Relaxed);
-                let stored_any = outcomes.iter().any(|outcome| matches!(outcome, Appended::Stored { .. }));
+                let stored_any =
+                    outcomes.iter().any(|outcome| matches!(outcome, Done::Appended(Appended::Stored { .. })));
                 if let (true, Some(committed)) = (stored_any, &committed) {
                     committed();
                 }
+                // A caller that went away (connection closed) needs no answer.
                 for (request, outcome) in batch.drain(..).zip(outcomes) {
-                    // A caller that went away (connection closed) needs no answer.
-                    let _ = request.reply.send(Ok(outcome));
+                    match (request, outcome) {
+                        (Request::Append { reply, .. }, Done::Appended(appended)) => {
+                            let _ = reply.send(Ok(appended));
+                        }
+                        (Request::Apply { reply, .. }, Done::Applied(applied)) => {
+                            let _ = reply.send(applied.map_err(Error::Write));
+                        }
+                        _ => unreachable!("write_batch answers each request in kind"),
+                    }
                 }
             }
             Err(error) => {
                 healthy.store(false, Ordering::Relaxed);
                 tracing::error!(error = %error, batch = batch.len(), "journal commit failed; batch refused");
                 for request in batch.drain(..) {
-                    let _ = request.reply.send(Err(Error::Write(error.to_string())));
+                    let failure = Error::Write(error.to_string());
+                    match request {
+                        Request::Append { reply, .. } => {
+                            let _ = reply.send(Err(failure));
+                        }
+                        Request::Apply { reply, .. } => {
+                            let _ = reply.send(Err(failure));
+                        }
+                    }
                 }
             }
         }
@@ -68,13 +91,26 @@ fn run(
     }
 }
 
-fn write_batch(connection: &mut Connection, batch: &[Request]) -> rusqlite::Result<Vec<Appended>> {
-    // IMMEDIATE: the write lock is taken up front, so a concurrent writer (pipeline,
-    // outbox) makes this wait for the busy timeout instead of failing a lock upgrade.
-    let transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+fn write_batch(connection: &mut Connection, batch: &mut [Request]) -> rusqlite::Result<Vec<Done>> {
+    // IMMEDIATE: the write lock is taken up front. This thread is the journal file's only
+    // writer in the gateway; an operator's tool writing to it at the same time makes this
+    // wait for the busy handler instead of failing a lock upgrade.
+    let mut transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut outcomes = Vec::with_capacity(batch.len());
-    for request in batch {
-        outcomes.push(write_one(&transaction, &request.entry)?);
+    for request in batch.iter_mut() {
+        match request {
+            Request::Append { entry, .. } => outcomes.push(Done::Appended(write_one(&transaction, entry)?)),
+            Request::Apply { change, .. } => {
+                // The change runs once; what stays behind in the request is a no-op.
+                let change = std::mem::replace(change, Box::new(|_| Ok(())));
+                let savepoint = transaction.savepoint()?;
+                let applied = match change(&savepoint) {
+                    Ok(()) => savepoint.commit().map_err(|error| error.to_string()),
+                    Err(error) => Err(error.to_string()), // dropping the savepoint rolls it back
+                };
+                outcomes.push(Done::Applied(applied));
+            }
+        }
     }
     transaction.commit()?;
     Ok(outcomes)
@@ -198,11 +234,38 @@ mod tests {
 
         drop(journal);
         thread.join().unwrap();
-        let connection = crate::db::open(&directory.path().join("j.db")).unwrap();
+        let connection = crate::db::open_journal(&directory.path().join("j.db")).unwrap();
         let (rows, duplicates): (i64, i64) = connection
             .query_row("SELECT count(*), sum(duplicates) FROM messages", [], |row| Ok((row.get(0)?, row.get(1)?)))
             .unwrap();
         assert_eq!((rows, duplicates), (3, 1));
+    }
+
+    #[test]
+    fn changes_run_in_the_writers_transaction_and_a_failing_one_refuses_only_itself() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let Appended::Stored { id } = runtime.block_on(journal.append(entry("1", b"MSH|one", 1))).unwrap() else {
+            panic!("a new message is stored")
+        };
+        journal
+            .apply_blocking(Box::new(move |connection| {
+                connection.execute("UPDATE messages SET status = 'processed' WHERE id = ?1", [id]).map(drop)
+            }))
+            .unwrap();
+        let failed = journal.apply_blocking(Box::new(|connection| {
+            connection.execute("UPDATE messages SET no_such_column = 1", []).map(drop)
+        }));
+        assert!(matches!(failed, Err(Error::Write(reason)) if reason.contains("no_such_column")));
+        assert!(journal.is_healthy(), "a refused change is the caller's failure, not the journal's");
+        drop(journal);
+        thread.join().unwrap();
+        let connection = crate::db::open_journal(&path).unwrap();
+        let status: String =
+            connection.query_row("SELECT status FROM messages WHERE id = ?1", [id], |row| row.get(0)).unwrap();
+        assert_eq!(status, "processed");
     }
 
     #[tokio::test]
