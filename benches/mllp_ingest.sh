@@ -53,7 +53,18 @@ done
 sleep 1
 
 results="$data/results.jsonl"
+# Each gateway phase starts with the conversion backlog of the previous ones worked off, as a
+# burst arriving at a site would (bounded wait).
+drained() {
+  for _ in $(seq 600); do
+    backlog=$(curl -s http://127.0.0.1:6611/metrics | awk '/^hl7gw_pipeline_backlog /{print $2}')
+    [ "${backlog:-1}" = 0 ] && return 0
+    sleep 1
+  done
+  echo "the gateway's conversion backlog did not drain in 600 s" >&2
+}
 run() { # client label port connections total
+  [ "$2" = gateway ] && drained
   local generator=("$venv/bin/python" "$bench/loadgen.py" --uvloop)
   [ "$1" = rust ] && generator=("$rust_loadgen")
   "${generator[@]}" --port "$3" -c "$4" -n "$5" --repeat 3 --json \

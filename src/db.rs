@@ -7,8 +7,9 @@
 //! outbox. Apart, the journal's commits (which gate every ACK) never wait for the pipeline's
 //! or the outbox's write transactions, and each file has its own WAL and checkpoints.
 //!
-//! Durability: WAL journal with `synchronous=FULL`, so every commit fsyncs the WAL before
-//! it returns. A commit that returned survives power loss, not only a process crash. The
+//! Durability: WAL journal with `synchronous=FULL`, so every commit syncs the WAL to disk
+//! before it returns (with `fdatasync`: the bundled SQLite is built with `HAVE_FDATASYNC`, see
+//! `.cargo/config.toml`). A commit that returned survives power loss, not only a process crash. The
 //! on-disk format is versioned by `PRAGMA user_version`; [`MIGRATIONS`] and
 //! [`JOURNAL_MIGRATIONS`] are applied in order at open, each in its own transaction.
 

@@ -11,9 +11,13 @@
 //!   arrival order, so each sender's messages are applied in the order they were sent: an
 //!   A08 after an A01 updates the Patient the A01 created.
 //! - **Second to the ACKs.** The worker and its conversion threads run at a lower CPU
-//!   priority ([`PRIORITY`]) than the MLLP listener and the journal writer: on a busy
-//!   machine, senders get their ACKs first and the backlog (`hl7gw_pipeline_backlog`,
-//!   `/admin/messages/stats`) is converted as CPU comes free.
+//!   priority ([`PRIORITY`]) than the MLLP listener and the journal writer. During an
+//!   inbound burst (more than [`BUSY_INBOUND_PER_SECOND`] messages stored per second) the
+//!   worker also holds back its batches, whose store writes and journal updates would share
+//!   the disk with the ACKs' commits, for at most [`MAX_DEFER`] of conversion lag. Senders
+//!   get their ACKs first; the backlog (`hl7gw_pipeline_backlog`, `/admin/messages/stats`)
+//!   is converted as the burst ends. A feed of ordinary rate (tens of messages per second)
+//!   is converted as it arrives.
 //! - **Crash safety.** A crash before the store commit leaves the rows `accepted`; a crash
 //!   between the store commit and the journal's leaves them `accepted` with their resources
 //!   stored. Either way they are converted again at the next start: putting an unchanged
@@ -42,6 +46,14 @@ use crate::telemetry::{self, Metrics};
 /// Most messages converted and committed together. Small enough that the write lock is
 /// held only for a few milliseconds, so the journal (whose commits gate ACKs) rarely waits.
 pub const BATCH: usize = 16;
+/// Inbound rate (messages stored per second) above which the journal counts as busy and
+/// the worker waits before its next batch, so that a burst is ACKed at full speed.
+pub const BUSY_INBOUND_PER_SECOND: u64 = 500;
+/// The longest the worker waits for a busy journal: once the oldest unconverted message is
+/// this old, it converts whatever the inbound rate.
+pub const MAX_DEFER: Duration = Duration::from_secs(30);
+/// How often a waiting worker looks at the inbound rate again.
+const DEFER_PROBE: Duration = Duration::from_millis(50);
 /// The worker's nice value (Linux): 10 gives it about a tenth of a core that the MLLP
 /// listener and journal writer (nice 0) also want, and all of an idle one.
 pub const PRIORITY: i32 = 10;
@@ -247,7 +259,12 @@ impl Worker {
 
     fn run(mut self) {
         lower_priority();
+        let mut inbound = Inbound::new(self.journal.stored_count());
         while !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if inbound.busy(self.journal.stored_count()) && self.lag().is_some_and(|lag| lag < MAX_DEFER) {
+                std::thread::sleep(DEFER_PROBE);
+                continue;
+            }
             match self.step() {
                 Ok(0) => self.wakeup.wait(IDLE_POLL),
                 Ok(_) => {}
@@ -257,6 +274,18 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Age of the oldest message waiting for conversion (`None`: none waits, or the journal
+    /// could not be read, in which case the worker goes on and `step` reports the error).
+    fn lag(&self) -> Option<Duration> {
+        let oldest: Option<i64> = self
+            .journal_reader
+            .prepare_cached("SELECT received_at_us FROM messages WHERE status = 'accepted' ORDER BY id LIMIT 1")
+            .and_then(|mut statement| statement.query_row([], |row| row.get(0)).optional())
+            .ok()
+            .flatten();
+        oldest.map(|received| Duration::from_micros((telemetry::now_us() - received).max(0) as u64))
     }
 
     /// Claims, converts and stores one batch; returns how many messages it handled.
@@ -322,16 +351,43 @@ impl Worker {
     }
 }
 
+/// The journal's inbound rate, measured between the worker's looks at it.
+struct Inbound {
+    count: u64,
+    at: std::time::Instant,
+    busy: bool,
+}
+
+impl Inbound {
+    fn new(count: u64) -> Inbound {
+        Inbound { count, at: std::time::Instant::now(), busy: false }
+    }
+
+    /// True while more than [`BUSY_INBOUND_PER_SECOND`] messages were stored per second over
+    /// the last measured interval (at least [`DEFER_PROBE`] long).
+    fn busy(&mut self, count: u64) -> bool {
+        let elapsed = self.at.elapsed();
+        if elapsed >= DEFER_PROBE {
+            let rate = count.saturating_sub(self.count) as f64 / elapsed.as_secs_f64();
+            self.busy = rate > BUSY_INBOUND_PER_SECOND as f64;
+            self.count = count;
+            self.at = std::time::Instant::now();
+        }
+        self.busy
+    }
+}
+
 fn outcome_label(outcome: &str) -> telemetry::OutcomeLabels {
     telemetry::OutcomeLabels { outcome: outcome.to_string() }
 }
 
 fn claim(connection: &Connection, limit: usize) -> Result<Vec<Claimed>, Error> {
-    let mut statement = connection.prepare_cached(
+    // A literal limit: a bound one makes SQLite (built with STAT4) re-plan at every execution.
+    let mut statement = connection.prepare_cached(&format!(
         "SELECT id, received_at_us, charset, raw, raw_truncated, sending_application, sending_facility FROM messages
-         WHERE status = 'accepted' ORDER BY id LIMIT ?1",
-    )?;
-    let rows = statement.query_map([limit as i64], |row| {
+         WHERE status = 'accepted' ORDER BY id LIMIT {limit}"
+    ))?;
+    let rows = statement.query_map([], |row| {
         let application: String = row.get(5)?;
         let facility: String = row.get(6)?;
         Ok(Claimed {
@@ -723,6 +779,16 @@ PV1|1|I|W^2^A^HOSP||||||||||||||||V-7^^^HOSP^VN\r";
             .query_row("SELECT id FROM resources WHERE type = 'Patient' LIMIT 1", [], |row| row.get(0))
             .unwrap();
         crate::store::read(connection, "Patient", &id).unwrap().unwrap()
+    }
+
+    #[test]
+    fn the_inbound_rate_is_busy_only_above_the_threshold() {
+        let mut inbound = Inbound::new(0);
+        assert!(!inbound.busy(1_000), "no judgement before a full probe interval");
+        std::thread::sleep(DEFER_PROBE + Duration::from_millis(10));
+        assert!(inbound.busy(1_000), "1,000 messages in ~60 ms is a burst");
+        std::thread::sleep(DEFER_PROBE + Duration::from_millis(10));
+        assert!(!inbound.busy(1_001), "one message in ~60 ms is not");
     }
 
     #[test]

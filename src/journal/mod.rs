@@ -31,7 +31,7 @@
 mod writer;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -170,6 +170,8 @@ enum Request {
 pub struct Journal {
     sender: mpsc::Sender<Request>,
     healthy: Arc<AtomicBool>,
+    /// Messages stored since the journal was opened (the pipeline reads the inbound rate).
+    stored: Arc<AtomicU64>,
     path: Arc<Path>,
 }
 
@@ -193,8 +195,14 @@ impl Journal {
             .map_err(|source| crate::db::Error::Sqlite { path: path.display().to_string(), source })?;
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
-        let thread = writer::spawn(connection, receiver, healthy.clone(), committed);
-        Ok((Journal { sender, healthy, path: Arc::from(path) }, thread))
+        let stored = Arc::new(AtomicU64::new(0));
+        let thread = writer::spawn(connection, receiver, healthy.clone(), stored.clone(), committed);
+        Ok((Journal { sender, healthy, stored, path: Arc::from(path) }, thread))
+    }
+
+    /// Messages stored (not duplicates, not failed writes) since the journal was opened.
+    pub fn stored_count(&self) -> u64 {
+        self.stored.load(Ordering::Relaxed)
     }
 
     /// The journal's database file (for readers: the pipeline, the operator API).

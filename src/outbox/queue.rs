@@ -164,11 +164,14 @@ pub fn head_of(connection: &Connection, partition_key: &str) -> Result<Option<He
 
 /// Pending rows queued after outbox id `after`, oldest first, at most `limit`.
 pub fn pending_after(connection: &Connection, after: i64, limit: usize) -> Result<Vec<Head>, Error> {
-    let mut statement = connection.prepare_cached(
+    // The limit is written into the SQL: a bound LIMIT makes SQLite (built with STAT4)
+    // re-plan the statement at every execution. A handful of limits are ever used, so the
+    // statement cache keeps one plan each.
+    let mut statement = connection.prepare_cached(&format!(
         "SELECT partition_key, id, next_attempt_at_us FROM outbox
-         WHERE id > ?1 AND status = 'pending' ORDER BY id LIMIT ?2",
-    )?;
-    let rows = statement.query_map(params![after, limit as i64], head_from_row)?;
+         WHERE id > ?1 AND status = 'pending' ORDER BY id LIMIT {limit}"
+    ))?;
+    let rows = statement.query_map(params![after], head_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -178,11 +181,13 @@ fn head_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Head> {
 
 /// Up to `max_messages` pending rows of a partition, oldest first.
 pub fn rows_of(connection: &Connection, partition_key: &str, max_messages: usize) -> Result<Vec<Row>, Error> {
-    let mut statement = connection.prepare_cached(
+    // A literal limit, as in `pending_after`.
+    let mut statement = connection.prepare_cached(&format!(
         "SELECT id, bundle, attempts, created_at_us FROM outbox
-         WHERE status = 'pending' AND partition_key = ?1 ORDER BY id LIMIT ?2",
-    )?;
-    let rows = statement.query_map(params![partition_key, max_messages.max(1) as i64], |row| {
+         WHERE status = 'pending' AND partition_key = ?1 ORDER BY id LIMIT {}",
+        max_messages.max(1)
+    ))?;
+    let rows = statement.query_map(params![partition_key], |row| {
         Ok(Row { id: row.get(0)?, bundle: row.get(1)?, attempts: row.get(2)?, created_at_us: row.get(3)? })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
