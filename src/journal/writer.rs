@@ -163,7 +163,7 @@ fn write_one(transaction: &Transaction<'_>, entry: &NewEntry) -> rusqlite::Resul
 
 /// Earlier non-refused rows of the same sender, MSH-10 and content inside the window.
 /// Without ORDER BY/LIMIT: with them (and the range on received_at_us) SQLite, built with
-/// STAT4, re-plans the statement at every execution, which cost a fifth of the writer's CPU.
+/// STAT4, re-plans the statement at every execution, which cost about a quarter of the writer's CPU.
 /// Matches are few (one sender's uses of one MSH-10); the earliest is the original.
 const DUPLICATE_QUERY: &str = "SELECT id, ack, ack_code FROM messages
     WHERE sending_application = ?1 AND sending_facility = ?2 AND control_id = ?3
