@@ -71,9 +71,21 @@ pub(super) fn answer(value: serde_json::Value) -> Response {
     response
 }
 
-/// Runs `work` with a fresh connection to the store database on the blocking pool.
+/// Which of the data directory's two databases an admin route works on.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Database {
+    /// `gateway.db`: resources, search indexes, outbox.
+    Store,
+    /// `journal.db`: messages as received, and their status. A requeue written here waits
+    /// for (and briefly holds up) the journal's writer; operators requeue rarely, so the ACK
+    /// path does not route it through the writer.
+    Journal,
+}
+
+/// Runs `work` with a fresh connection to `database` on the blocking pool.
 pub(super) async fn with_database<T, E>(
     state: &ApiState,
+    database: Database,
     work: impl FnOnce(&rusqlite::Connection) -> Result<T, E> + Send + 'static,
 ) -> Result<T, ApiError>
 where
@@ -81,36 +93,16 @@ where
     E: From<crate::db::Error> + Send + 'static,
     ApiError: From<E>,
 {
-    with_connection(state.admin.database.clone(), crate::db::open, work).await
-}
-
-/// Runs `work` with a fresh connection to the journal database on the blocking pool. A
-/// requeue written here waits for (and briefly holds up) the journal's writer; operators
-/// requeue rarely, so the ACK path does not route it through the writer.
-async fn with_journal<T, E>(
-    state: &ApiState,
-    work: impl FnOnce(&rusqlite::Connection) -> Result<T, E> + Send + 'static,
-) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    E: From<crate::db::Error> + Send + 'static,
-    ApiError: From<E>,
-{
-    with_connection(state.admin.journal.clone(), crate::db::open_journal, work).await
-}
-
-async fn with_connection<T, E>(
-    path: PathBuf,
-    open: fn(&std::path::Path) -> Result<rusqlite::Connection, crate::db::Error>,
-    work: impl FnOnce(&rusqlite::Connection) -> Result<T, E> + Send + 'static,
-) -> Result<T, ApiError>
-where
-    T: Send + 'static,
-    E: From<crate::db::Error> + Send + 'static,
-    ApiError: From<E>,
-{
+    let path = match database {
+        Database::Store => state.admin.database.clone(),
+        Database::Journal => state.admin.journal.clone(),
+    };
     tokio::task::spawn_blocking(move || {
-        let connection = open(&path).map_err(E::from)?;
+        let connection = match database {
+            Database::Store => crate::db::open(&path),
+            Database::Journal => crate::db::open_journal(&path),
+        }
+        .map_err(E::from)?;
         work(&connection)
     })
     .await
@@ -142,13 +134,15 @@ async fn list(
             other => return Err(ApiError::BadRequest(vec![format!("unknown parameter `{other}`")])),
         }
     }
-    let messages = with_journal(&state, move |connection| pipeline::list_messages(connection, &filter)).await?;
+    let messages =
+        with_database(&state, Database::Journal, move |connection| pipeline::list_messages(connection, &filter))
+            .await?;
     Ok(answer(json!({ "messages": messages })))
 }
 
 async fn stats(State(state): State<ApiState>, grant: Option<axum::Extension<Grant>>) -> Result<Response, ApiError> {
     require_admin(grant)?;
-    let (counts, oldest) = with_journal(&state, |connection| {
+    let (counts, oldest) = with_database(&state, Database::Journal, |connection| {
         Ok::<_, pipeline::Error>((pipeline::status_counts(connection)?, pipeline::oldest_unprocessed_age(connection)?))
     })
     .await?;
@@ -167,7 +161,8 @@ async fn show(
 ) -> Result<Response, ApiError> {
     require_admin(grant)?;
     let id: i64 = id.parse().map_err(|_| ApiError::NotFound(format!("no message `{id}`")))?;
-    let detail = with_journal(&state, move |connection| pipeline::message_detail(connection, id)).await?;
+    let detail =
+        with_database(&state, Database::Journal, move |connection| pipeline::message_detail(connection, id)).await?;
     match detail {
         Some(detail) => Ok(answer(json!(detail))),
         None => Err(ApiError::NotFound(format!("no message {id}"))),
@@ -181,7 +176,7 @@ async fn reprocess_one(
 ) -> Result<Response, ApiError> {
     require_admin(grant)?;
     let id: i64 = id.parse().map_err(|_| ApiError::NotFound(format!("no message `{id}`")))?;
-    let requeued = with_journal(&state, move |connection| {
+    let requeued = with_database(&state, Database::Journal, move |connection| {
         let exists = pipeline::message_detail(connection, id)?;
         match exists {
             None => Ok(None),
@@ -214,7 +209,9 @@ async fn reprocess_all(
             "bulk reprocessing needs status=failed (reprocess others one by one)".to_string()
         ]));
     }
-    let count = with_journal(&state, |connection| pipeline::requeue(connection, &Requeue::AllFailed)).await?;
+    let count =
+        with_database(&state, Database::Journal, |connection| pipeline::requeue(connection, &Requeue::AllFailed))
+            .await?;
     state.admin.wakeup.wake();
     tracing::info!(count, "failed messages requeued by an operator");
     Ok(answer(json!({ "requeued": count })))

@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::json;
 
-use super::admin::{answer, require_admin, with_database};
+use super::admin::{answer, require_admin, with_database, Database};
 use super::{ApiError, ApiState, Params};
 use crate::auth::Grant;
 use crate::outbox::{self, queue, Requeue};
@@ -72,13 +72,15 @@ async fn list(
             other => return Err(ApiError::BadRequest(vec![format!("unknown parameter `{other}`")])),
         }
     }
-    let rows = with_database(&state, move |connection| queue::list(connection, status.as_deref(), limit)).await?;
+    let rows =
+        with_database(&state, Database::Store, move |connection| queue::list(connection, status.as_deref(), limit))
+            .await?;
     Ok(answer(json!({ "outbox": rows })))
 }
 
 async fn stats(State(state): State<ApiState>, grant: Option<axum::Extension<Grant>>) -> Result<Response, ApiError> {
     require_admin(grant)?;
-    let (counts, (_, oldest)) = with_database(&state, |connection| {
+    let (counts, (_, oldest)) = with_database(&state, Database::Store, |connection| {
         Ok::<_, outbox::Error>((queue::status_counts(connection)?, queue::backlog(connection)?))
     })
     .await?;
@@ -95,7 +97,7 @@ async fn show(
 ) -> Result<Response, ApiError> {
     require_admin(grant)?;
     let id = parse_id(&id)?;
-    match with_database(&state, move |connection| queue::detail(connection, id)).await? {
+    match with_database(&state, Database::Store, move |connection| queue::detail(connection, id)).await? {
         Some(detail) => Ok(answer(json!(detail))),
         None => Err(ApiError::NotFound(format!("no outbox row {id}"))),
     }
@@ -108,7 +110,7 @@ async fn requeue_one(
 ) -> Result<Response, ApiError> {
     require_admin(grant)?;
     let id = parse_id(&id)?;
-    let requeued = with_database(&state, move |connection| match queue::detail(connection, id)? {
+    let requeued = with_database(&state, Database::Store, move |connection| match queue::detail(connection, id)? {
         None => Ok(None),
         Some(_) => queue::requeue(connection, &Requeue::Ids(vec![id])).map(Some),
     })
@@ -136,7 +138,8 @@ async fn requeue_all(
             "bulk requeue needs status=dead (requeue others one by one)".to_string()
         ]));
     }
-    let count = with_database(&state, |connection| queue::requeue(connection, &Requeue::AllDead)).await?;
+    let count =
+        with_database(&state, Database::Store, |connection| queue::requeue(connection, &Requeue::AllDead)).await?;
     tracing::info!(count, "dead outbox rows requeued by an operator");
     if count > 0 {
         signal_requeue(&state);
