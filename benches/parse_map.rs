@@ -4,6 +4,10 @@
 //! Input: the ADT messages of the shared corpus (`../shared/corpus`) that the built-in mappings
 //! convert; without the corpus, `benches/adt_a01_1k.hl7`. Run with
 //! `cargo bench --bench parse_map` (add `-- --quick` for a short run).
+//!
+//! The `structure_check` group times the structure check of the MLLP acknowledgment path on
+//! `benches/adt_a01_1k.hl7`: the full `hl7-parser` parse, which that path used alone before,
+//! against `hl7::structure::check`, which now answers first (`-- structure_check` runs only it).
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -13,6 +17,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hl7_fhir_gateway::commands::convert::decode;
 use hl7_fhir_gateway::hl7::header::Header;
 use hl7_fhir_gateway::hl7::split::split_messages;
+use hl7_fhir_gateway::hl7::structure;
 use hl7_fhir_gateway::mapping::Engine;
 
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus");
@@ -106,5 +111,38 @@ fn parse_map(criterion: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse_map);
+/// `hl7-parser` against [`structure::check`] on the text `mllp::ingest` gives them: one
+/// decoded, trimmed message per element.
+fn structure_check(criterion: &mut Criterion) {
+    let bytes = std::fs::read(FALLBACK).unwrap_or_else(|error| panic!("{FALLBACK}: {error}"));
+    let messages: Vec<String> =
+        split_messages(&bytes).iter().map(|message| String::from_utf8_lossy(&message.bytes).into_owned()).collect();
+    let texts: Vec<&str> = messages.iter().map(|message| structure::trim(message)).collect();
+    assert!(!texts.is_empty(), "no message in {FALLBACK}");
+    for text in &texts {
+        let parsed = hl7_parser::Message::parse_with_lenient_newlines(text, true).is_ok();
+        assert!(parsed && structure::check(text).is_ok(), "both checks must accept the messages of {FALLBACK}");
+    }
+
+    let mut group = criterion.benchmark_group("structure_check");
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(texts.len() as u64));
+    group.bench_function("hl7_parser", |bencher| {
+        bencher.iter(|| {
+            for text in &texts {
+                black_box(hl7_parser::Message::parse_with_lenient_newlines(black_box(text), true).is_ok());
+            }
+        })
+    });
+    group.bench_function("fast_check", |bencher| {
+        bencher.iter(|| {
+            for text in &texts {
+                black_box(structure::check(black_box(text)).is_ok());
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parse_map, structure_check);
 criterion_main!(benches);

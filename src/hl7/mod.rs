@@ -8,6 +8,8 @@
 //! - [`ack`]: ACK/NAK builder for original and enhanced acknowledgment mode, with a
 //!   version-correct ERR segment.
 //! - [`split`]: splitting a file into messages (any line endings, MLLP framing, batch wrappers).
+//! - [`structure`]: the acknowledgment path's structure check, equal to hl7-parser's verdict
+//!   without building its tree.
 //!
 //! This module is a leaf: pure, synchronous, and imports nothing from the rest of the crate.
 
@@ -16,6 +18,7 @@ pub mod charset;
 pub mod header;
 pub mod message;
 pub mod split;
+pub mod structure;
 
 pub use ack::{AckCode, AckOutcome, ErrorDetail, ErrorLocation};
 pub use charset::Charset;

@@ -64,11 +64,19 @@ pub fn examine(raw: &[u8], default_charset: Charset) -> Examined {
     Examined { header, charset, outcome }
 }
 
-/// Checks the segment structure with `hl7-parser`; its failure position is turned into
-/// a segment and field location.
+/// Checks the segment structure as `hl7-parser` judges it; its failure position is turned
+/// into a segment and field location.
+///
+/// [`structure::check`](crate::hl7::structure::check) answers first: it accepts exactly what `hl7-parser` accepts but
+/// allocates nothing, where the full parse (a tree of `Vec`s per message) was a large share
+/// of the listener's CPU. Only a message it refuses, which is rare, is parsed again by
+/// `hl7-parser`, so that the diagnostic and location stay the ones `hl7-parser` gives.
 fn structure_problem(text: &str) -> Option<ErrorDetail> {
-    let trimmed = text.trim_start_matches(|c: char| c.is_whitespace() || c == '\u{feff}');
-    let trimmed = trimmed.trim_end_matches(['\r', '\n']);
+    use crate::hl7::structure;
+    let trimmed = structure::trim(text);
+    if structure::check(trimmed).is_ok() {
+        return None;
+    }
     match hl7_parser::Message::parse_with_lenient_newlines(trimmed, true) {
         Ok(_) => None,
         Err(hl7_parser::parser::ParseError::FailedToParse { position, .. }) => {
@@ -341,6 +349,31 @@ mod tests {
         assert_eq!(detail.code, 103);
         let AckOutcome::Rejected(detail) = examine(b"hello world", Charset::Utf8).outcome else { panic!() };
         assert_eq!(detail.code, 100);
+    }
+
+    #[test]
+    fn structure_problem_passes_sound_messages_without_hl7_parser() {
+        let text = String::from_utf8_lossy(ADT);
+        assert!(structure_problem(&text).is_none());
+        assert!(structure_problem(&format!(" \u{feff}{}\r\n", text.replace('\r', "\n"))).is_none());
+        // hl7-parser stops at a segment it cannot read and still succeeds; so does the check.
+        assert!(structure_problem("MSH|^~\\&|A|B|C|D|2024||ADT^A01|1|P|2.5\rPI|x\rEVN").is_none());
+    }
+
+    #[test]
+    fn structure_problem_keeps_hl7_parser_diagnostics() {
+        // A non-ASCII field separator: hl7-parser fails at byte 3, the separators.
+        let detail = structure_problem("MSH¦^~\\&¦A¦B¦C¦D¦2024¦¦ADT^A01¦1¦P¦2.5\r").expect("refused");
+        assert_eq!(detail.code, 100);
+        assert_eq!(detail.diagnostic, "message structure is invalid in segment MSH near field 1");
+        assert_eq!(detail.location, Some(ErrorLocation { segment: "MSH".to_string(), sequence: 1, field: 1 }));
+
+        let detail = structure_problem("\r\nPID|1||123\r").expect("refused");
+        assert_eq!(detail.diagnostic, "message structure is invalid in segment PID near field 0");
+        assert_eq!(detail.location, Some(ErrorLocation { segment: "PID".to_string(), sequence: 1, field: 0 }));
+
+        let detail = structure_problem("MSH|^~").expect("refused");
+        assert_eq!(detail.location, Some(ErrorLocation { segment: "MSH".to_string(), sequence: 1, field: 1 }));
     }
 
     #[test]
