@@ -80,6 +80,8 @@ for client in $clients; do
   done
 done
 
+# Stop the gateway (SIGTERM: it copies its ingest log into journal.db) before counting.
+kill -TERM "${pids[0]}" && wait "${pids[0]}" || true
 echo "stored in the gateway's journal: $(sqlite3 "$data/journal.db" 'select count(*) from messages' 2>/dev/null || echo '?') rows"
 "$venv/bin/python" - "$results" <<'PY'
 import json, sys

@@ -2,42 +2,58 @@
 //! exactly as its bytes arrived.
 //!
 //! # Design
-//! - **Format.** One row per received message in the `messages` table (see `db`): the raw
-//!   bytes, the MSH fields that identify it, the character set applied, a SHA-256 of the
-//!   bytes, the ACK that was sent and a status (`accepted`, `refused`; later stages move
-//!   accepted rows on).
-//! - **Commit before ACK.** [`Journal::append`] returns only after the transaction holding
-//!   the row has committed with `synchronous=FULL` (the WAL is fsynced). The listener sends
-//!   the ACK after that, so an AA never names a message that a power cut could lose.
-//! - **Group commit.** One writer thread owns the write connection. It takes every request
-//!   waiting in its queue (up to [`MAX_BATCH`]) into one transaction, so that many
-//!   connections share one fsync. Requests are committed in queue order, which keeps the
-//!   order of each connection.
+//! - **Format.** One row per received message in the `messages` table of `journal.db` (see
+//!   `db`): the raw bytes, the MSH fields that identify it, the character set applied, a
+//!   SHA-256 of the bytes, the ACK that was sent and a status (`accepted`, `refused`; later
+//!   stages move accepted rows on).
+//! - **Durable before the ACK.** [`Journal::append`] returns only after the message is on
+//!   disk: written to the ingest log ([`log`], a directory `journal-log/` beside
+//!   `journal.db`) and `fdatasync`ed. The listener sends the ACK after that, so an AA never
+//!   names a message that a power cut could lose.
+//! - **Group commit.** The appender thread takes every append waiting in its queue (up to
+//!   [`MAX_BATCH`]) into one log write and one sync, so that many connections share one
+//!   fsync. Appends are written in queue order, which keeps the order of each connection.
+//! - **Into SQLite moments later.** The writer thread reads the log behind the appender and
+//!   inserts its records into `journal.db` (row id = the record's sequence number), in
+//!   transactions as large as the backlog, committed with `synchronous=FULL`. A log segment
+//!   is reused once every record in it is committed there. Readers of `journal.db` (the
+//!   pipeline, the operator API) see a message a few milliseconds after its ACK.
 //! - **Duplicates.** An accepted message whose sender (MSH-3, MSH-4), MSH-10 and content
-//!   hash match a non-refused row received inside the duplicate window is not stored again:
-//!   the original row's ACK is returned and its duplicate counter incremented.
-//! - **Bounded.** The queue to the writer holds at most [`QUEUE_CAPACITY`] requests;
-//!   callers wait when it is full (back-pressure reaches the sender as a slower ACK).
-//! - **One writer.** The journal has a database file of its own (`db::JOURNAL_FILE`), and
-//!   the writer thread is the only one that writes to it: other parts of the gateway that
-//!   change journal rows (the pipeline recording outcomes) hand it their change with
-//!   [`Journal::apply`], and it runs in the writer's next transaction. So an append never
-//!   waits for another writer's lock, and the store's transactions never delay an ACK.
-//! - **Crash recovery** is SQLite's: a transaction either committed (and its ACK may have
-//!   gone out) or it did not (and no ACK was sent). A restart may therefore see a message
-//!   again that was committed but whose ACK was lost; the duplicate check answers it with
-//!   the original ACK.
+//!   hash match a non-refused message received inside the duplicate window is not stored
+//!   again: the original's ACK is returned and its duplicate counter incremented. The
+//!   appender looks in `journal.db` and among the logged records not yet copied there.
+//! - **Bounded.** The queue to the appender holds at most [`QUEUE_CAPACITY`] requests, and
+//!   the log at most [`MAX_LIVE_SEGMENTS`] segments that the writer has not finished;
+//!   callers wait when either is full (back-pressure reaches the sender as a slower ACK).
+//! - **One writer.** The writer thread is the only one that writes rows of `journal.db`:
+//!   other parts of the gateway that change journal rows (the pipeline recording outcomes)
+//!   hand it their change with [`Journal::apply_blocking`], and it runs in the writer's next
+//!   transaction.
+//! - **Crash recovery.** [`Journal::open`] first copies every logged record with a higher
+//!   sequence number than the last row of `journal.db` into it, then empties the log. A
+//!   restart may see a message again that was logged but whose ACK was lost; the duplicate
+//!   check answers it with the original ACK. Duplicate counters are the one thing not
+//!   logged: an increment not yet committed when the process dies is lost.
 
+mod appender;
+pub mod log;
 mod writer;
 
-use std::path::Path;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-pub use writer::{MAX_BATCH, QUEUE_CAPACITY};
+pub use appender::{MAX_BATCH, QUEUE_CAPACITY};
+
+/// Most log segments holding records not yet in `journal.db` (16 MiB each: 1 GiB). When the
+/// writer falls this far behind, appends wait for it.
+pub const MAX_LIVE_SEGMENTS: usize = 64;
+/// Empty segments kept for reuse, so that rotating to a new one costs no zero-filling.
+const MAX_SPARES: usize = 2;
 
 /// Journal errors.
 #[derive(Debug, thiserror::Error)]
@@ -156,48 +172,130 @@ impl Pending {
 }
 
 /// A change to journal rows, run by the writer inside its transaction (in a savepoint of
-/// its own, so that a failing change does not refuse the appends committed with it).
+/// its own, so that a failing change does not hold back the rows committed with it).
 pub type Change = Box<dyn FnOnce(&rusqlite::Connection) -> rusqlite::Result<()> + Send>;
 
-enum Request {
-    Append { entry: Box<NewEntry>, reply: oneshot::Sender<Result<Appended, Error>> },
-    Apply { change: Change, reply: oneshot::Sender<Result<(), Error>> },
+/// An append waiting for the appender thread.
+struct Request {
+    entry: Box<NewEntry>,
+    reply: oneshot::Sender<Result<Appended, Error>>,
 }
 
-/// Handle to the journal; cheap to clone. The writer thread stops when the last handle is
-/// dropped, after committing what was queued.
+/// A log segment whose records are not all in `journal.db` yet.
+#[derive(Debug)]
+struct Live {
+    path: PathBuf,
+    /// Sequence number of its first record.
+    first_seq: i64,
+    /// Offset just past its last synced commit.
+    end: u64,
+    /// Sequence number of its last synced record (`first_seq - 1` while it has none).
+    last_seq: i64,
+}
+
+/// State shared by the appender (which logs), the writer (which copies the log into
+/// `journal.db`) and the callers of [`Journal::apply_blocking`].
+#[derive(Default)]
+struct State {
+    /// Segments in order; the last is the one being appended to.
+    live: VecDeque<Live>,
+    /// Retired segments of the standard size, ready to be reused.
+    spares: Vec<PathBuf>,
+    /// Number for the next segment file created.
+    next_number: u64,
+    /// Changes waiting for the writer.
+    changes: Vec<(Change, oneshot::Sender<Result<(), Error>>)>,
+    /// Row ids whose duplicate counter is to be incremented.
+    duplicates: Vec<i64>,
+    /// Highest sequence number synced in the log.
+    durable_seq: i64,
+    /// Highest sequence number committed in `journal.db`.
+    applied_seq: i64,
+    /// The appender has stopped: the writer finishes the log and stops too.
+    closed: bool,
+}
+
+struct Shared {
+    directory: PathBuf,
+    state: Mutex<State>,
+    /// Signalled on every change of `state`.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every update is one
+        // assignment or push), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        self.changed.wait(guard).unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Handle to the journal; cheap to clone. The threads stop when the last handle is
+/// dropped, after logging what was queued and copying the log into `journal.db`.
 #[derive(Clone)]
 pub struct Journal {
     sender: mpsc::Sender<Request>,
+    shared: Arc<Shared>,
     healthy: Arc<AtomicBool>,
     /// Messages stored since the journal was opened (the pipeline reads the inbound rate).
     stored: Arc<AtomicU64>,
     path: Arc<Path>,
 }
 
+/// The directory of the ingest log that belongs to the journal database at `path`
+/// (`journal.db` → `journal-log/`).
+pub fn log_directory(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map_or_else(|| "journal".into(), |stem| stem.to_string_lossy().into_owned());
+    path.with_file_name(format!("{stem}-log"))
+}
+
 impl Journal {
-    /// Opens the journal database and starts its writer thread.
+    /// Opens the journal database, recovers what the log holds beyond it, and starts the
+    /// appender and writer threads. The handle returned joins both.
     pub fn open(path: &Path) -> Result<(Journal, std::thread::JoinHandle<()>), Error> {
         Journal::open_notifying(path, None)
     }
 
-    /// Like [`Journal::open`]; `committed` is called after each commit that stored at
-    /// least one new message (the pipeline's wake-up).
+    /// Like [`Journal::open`]; `committed` is called after each `journal.db` commit that
+    /// stored at least one new message (the pipeline's wake-up).
     pub fn open_notifying(
         path: &Path,
         committed: Option<Notify>,
     ) -> Result<(Journal, std::thread::JoinHandle<()>), Error> {
-        let connection = crate::db::open_journal(path)?;
-        // The pages every append touches (the right edge of the table and of both indexes)
+        let sqlite = |source| crate::db::Error::Sqlite { path: path.display().to_string(), source };
+        let mut connection = crate::db::open_journal(path)?;
+        // The pages every insert touches (the right edge of the table and of both indexes)
         // and the rows the pipeline's outcomes update stay in memory: 16 MiB.
-        connection
-            .pragma_update(None, "cache_size", -16_384)
-            .map_err(|source| crate::db::Error::Sqlite { path: path.display().to_string(), source })?;
+        connection.pragma_update(None, "cache_size", -16_384).map_err(sqlite)?;
+        let directory = log_directory(path);
+        let lock = writer::lock(&directory)?;
+        let (applied_seq, next_number, spares) = writer::recover(&mut connection, &directory)?;
+        // The appender's own connection, for the duplicate lookup.
+        let reader = crate::db::open_journal(path)?;
+        let shared = Arc::new(Shared {
+            directory,
+            state: Mutex::new(State { spares, next_number, applied_seq, durable_seq: applied_seq, ..State::default() }),
+            changed: Condvar::new(),
+        });
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let healthy = Arc::new(AtomicBool::new(true));
         let stored = Arc::new(AtomicU64::new(0));
-        let thread = writer::spawn(connection, receiver, healthy.clone(), stored.clone(), committed);
-        Ok((Journal { sender, healthy, stored, path: Arc::from(path) }, thread))
+        let writer = writer::spawn(connection, shared.clone(), healthy.clone(), committed);
+        let appender = appender::spawn(appender::Appender::new(
+            receiver,
+            reader,
+            shared.clone(),
+            healthy.clone(),
+            stored.clone(),
+            applied_seq + 1,
+            writer,
+            lock,
+        ));
+        Ok((Journal { sender, shared, healthy, stored, path: Arc::from(path) }, appender))
     }
 
     /// Messages stored (not duplicates, not failed writes) since the journal was opened.
@@ -215,12 +313,12 @@ impl Journal {
         self.submit(entry).await?.wait().await
     }
 
-    /// Queues a message for the writer without waiting for the commit. Appends are
-    /// committed in the order they were submitted, so a connection may submit several
+    /// Queues a message for the appender without waiting for it to be durable. Appends are
+    /// logged in the order they were submitted, so a connection may submit several
     /// pipelined messages and then wait for each in turn.
     pub async fn submit(&self, entry: NewEntry) -> Result<Pending, Error> {
         let (reply, answer) = oneshot::channel();
-        self.sender.send(Request::Append { entry: Box::new(entry), reply }).await.map_err(|_| Error::Closed)?;
+        self.sender.send(Request { entry: Box::new(entry), reply }).await.map_err(|_| Error::Closed)?;
         Ok(Pending { answer })
     }
 
@@ -228,11 +326,18 @@ impl Journal {
     /// For threads outside the async runtime (the pipeline); it blocks the caller.
     pub fn apply_blocking(&self, change: Change) -> Result<(), Error> {
         let (reply, answer) = oneshot::channel();
-        self.sender.blocking_send(Request::Apply { change, reply }).map_err(|_| Error::Closed)?;
+        {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(Error::Closed);
+            }
+            state.changes.push((change, reply));
+        }
+        self.shared.changed.notify_all();
         answer.blocking_recv().map_err(|_| Error::Closed)?
     }
 
-    /// False after the last write failed, or when the writer has stopped.
+    /// False after the last write failed, or when the appender has stopped.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed) && !self.sender.is_closed()
     }

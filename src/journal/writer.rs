@@ -1,144 +1,269 @@
-//! The journal's writer thread: group commit of queued appends.
+//! The journal's writer thread: copies the ingest log into `journal.db`, runs the changes
+//! other parts of the gateway hand it, and reuses log segments once they are copied.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, Transaction};
-use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
-use super::{Appended, Error, NewEntry, Notify, Request, Status};
+use super::log::{self, Record, BLOCK, SEGMENT_BYTES};
+use super::{Error, NewEntry, Notify, Shared, State, MAX_SPARES};
 
-/// What the writer did with one request of a batch.
-enum Done {
-    Appended(Appended),
-    Applied(Result<(), String>),
-}
-
-/// Most appends committed in one transaction.
-pub const MAX_BATCH: usize = 512;
-/// Most appends waiting for the writer.
-pub const QUEUE_CAPACITY: usize = 4096;
+/// Most log bytes copied in one transaction (a single larger segment goes whole).
+const MAX_READ_BYTES: u64 = 32 << 20;
+/// Longest a logged message waits to be copied into `journal.db` while the log has room.
+const COPY_INTERVAL: Duration = Duration::from_millis(10);
+/// Pause before retrying after `journal.db` refused a transaction.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
 pub(super) fn spawn(
     connection: Connection,
-    receiver: mpsc::Receiver<Request>,
+    shared: Arc<Shared>,
     healthy: Arc<AtomicBool>,
-    stored: Arc<AtomicU64>,
     committed: Option<Notify>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("journal-writer".to_string())
-        .spawn(move || run(connection, receiver, healthy, stored, committed))
+        .spawn(move || Writer { connection, shared, healthy, committed, cursor: None }.run())
         .expect("spawning a thread fails only when the OS is out of resources at startup")
 }
 
-fn run(
-    mut connection: Connection,
-    mut receiver: mpsc::Receiver<Request>,
+/// Where the writer is in the log.
+struct Cursor {
+    path: PathBuf,
+    /// Offset just past the last record copied.
+    offset: u64,
+    /// Sequence number of the next record.
+    next_seq: i64,
+}
+
+/// One stretch of a segment to read.
+struct Stretch {
+    path: PathBuf,
+    from: u64,
+    to: u64,
+    first_seq: i64,
+}
+
+struct Writer {
+    connection: Connection,
+    shared: Arc<Shared>,
     healthy: Arc<AtomicBool>,
-    stored: Arc<AtomicU64>,
     committed: Option<Notify>,
-) {
-    let mut batch: Vec<Request> = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = receiver.blocking_recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(request) => batch.push(request),
-                Err(_) => break,
+    cursor: Option<Cursor>,
+}
+
+type Changes = Vec<(super::Change, tokio::sync::oneshot::Sender<Result<(), Error>>)>;
+
+impl Writer {
+    fn run(mut self) {
+        let mut last_copy = Instant::now();
+        loop {
+            let ((plan, reached), changes, duplicates) = {
+                let mut state = self.shared.lock();
+                loop {
+                    // Changes wait for nobody (the pipeline blocks on them); the log is
+                    // copied every COPY_INTERVAL, or at once when a segment is full, so that
+                    // each journal.db commit (and its sync) carries many messages.
+                    if !state.changes.is_empty() || state.closed {
+                        break;
+                    }
+                    let logged = state.durable_seq > state.applied_seq || !state.duplicates.is_empty();
+                    let due = COPY_INTERVAL.saturating_sub(last_copy.elapsed());
+                    if logged && (due.is_zero() || state.live.len() > 1) {
+                        break;
+                    }
+                    state = if logged {
+                        self.shared
+                            .changed
+                            .wait_timeout(state, due)
+                            .map_or_else(|error| error.into_inner().0, |(guard, _)| guard)
+                    } else {
+                        self.shared.wait(state)
+                    };
+                }
+                if state.closed
+                    && state.durable_seq <= state.applied_seq
+                    && state.changes.is_empty()
+                    && state.duplicates.is_empty()
+                {
+                    break;
+                }
+                (self.plan(&state), std::mem::take(&mut state.changes), std::mem::take(&mut state.duplicates))
+            };
+            last_copy = Instant::now();
+            if let Err(error) = self.copy(plan, reached, changes, &duplicates) {
+                self.healthy.store(false, Ordering::Relaxed);
+                tracing::error!(error = %error, "journal.db refused the ingest log's records; retrying");
+                std::thread::sleep(RETRY_PAUSE);
             }
         }
-        match write_batch(&mut connection, &mut batch) {
-            Ok(outcomes) => {
-                healthy.store(true, Ordering::Relaxed);
-                let stored_now = outcomes
-                    .iter()
-                    .filter(|outcome| matches!(outcome, Done::Appended(Appended::Stored { .. })))
-                    .count();
-                stored.fetch_add(stored_now as u64, Ordering::Relaxed);
-                if let (true, Some(committed)) = (stored_now > 0, &committed) {
-                    committed();
+        // Checkpoint so that the WAL does not grow across restarts; failure here is harmless.
+        if let Err(error) = self.connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
+            tracing::warn!(error = %error, "wal checkpoint at shutdown failed");
+        }
+    }
+
+    /// The log stretches from the cursor to the last synced commit, at most
+    /// [`MAX_READ_BYTES`] (but always the cursor's next stretch), and the sequence number
+    /// they reach.
+    fn plan(&self, state: &State) -> (Vec<Stretch>, i64) {
+        let mut plan = Vec::new();
+        let mut bytes = 0;
+        let mut reached = state.applied_seq;
+        let start = self
+            .cursor
+            .as_ref()
+            .and_then(|cursor| state.live.iter().position(|live| live.path == cursor.path))
+            .unwrap_or(0);
+        for (index, live) in state.live.iter().enumerate().skip(start) {
+            let (from, first_seq) = match &self.cursor {
+                Some(cursor) if index == start && cursor.path == live.path => (cursor.offset, cursor.next_seq),
+                _ => (BLOCK, live.first_seq),
+            };
+            if live.end > from {
+                if !plan.is_empty() && bytes + live.end - from > MAX_READ_BYTES {
+                    break;
                 }
-                // A caller that went away (connection closed) needs no answer.
-                for (request, outcome) in batch.drain(..).zip(outcomes) {
-                    match (request, outcome) {
-                        (Request::Append { reply, .. }, Done::Appended(appended)) => {
-                            let _ = reply.send(Ok(appended));
-                        }
-                        (Request::Apply { reply, .. }, Done::Applied(applied)) => {
-                            let _ = reply.send(applied.map_err(Error::Write));
-                        }
-                        _ => unreachable!("write_batch answers each request in kind"),
-                    }
-                }
+                bytes += live.end - from;
+                plan.push(Stretch { path: live.path.clone(), from, to: live.end, first_seq });
             }
-            Err(error) => {
-                healthy.store(false, Ordering::Relaxed);
-                tracing::error!(error = %error, batch = batch.len(), "journal commit failed; batch refused");
-                for request in batch.drain(..) {
-                    let failure = Error::Write(error.to_string());
-                    match request {
-                        Request::Append { reply, .. } => {
-                            let _ = reply.send(Err(failure));
-                        }
-                        Request::Apply { reply, .. } => {
-                            let _ = reply.send(Err(failure));
-                        }
-                    }
+            reached = reached.max(live.last_seq);
+        }
+        (plan, reached)
+    }
+
+    /// Reads `plan`, commits its records, the duplicate counts and `changes` in one
+    /// transaction, then moves the cursor and frees the segments it left behind.
+    fn copy(&mut self, plan: Vec<Stretch>, reached: i64, changes: Changes, duplicates: &[i64]) -> Result<(), String> {
+        let mut records = Vec::new();
+        let mut cursor = None;
+        for stretch in plan {
+            let data = File::open(&stretch.path)
+                .and_then(|file| log::read_range(&file, stretch.from, stretch.to))
+                .map_err(|error| format!("{}: {error}", stretch.path.display()))?;
+            let scanned = log::scan(&data, stretch.from, stretch.first_seq, |record| records.push(record));
+            if scanned.end < stretch.to {
+                tracing::warn!(segment = %stretch.path.display(), offset = scanned.end, "ingest log record unreadable; rest of the segment skipped");
+            }
+            // Past the unreadable part, so that the writer does not stop on it.
+            cursor = Some(Cursor { path: stretch.path, offset: stretch.to, next_seq: scanned.next_seq });
+        }
+        let outcome = write(&mut self.connection, &records, duplicates, changes);
+        let (applied, replies) = match outcome {
+            Ok(done) => done,
+            Err(error) => return Err(error.to_string()),
+        };
+        self.healthy.store(true, Ordering::Relaxed);
+        if cursor.is_some() {
+            self.cursor = cursor;
+        }
+        {
+            let mut state = self.shared.lock();
+            // `reached`, not the last record read: an unreadable stretch is passed over
+            // rather than waited for.
+            state.applied_seq = state.applied_seq.max(reached);
+            self.recycle(&mut state);
+        }
+        self.shared.changed.notify_all();
+        for (reply, applied) in replies {
+            let _ = reply.send(applied.map_err(Error::Write));
+        }
+        if let (true, Some(committed)) = (applied > 0, &self.committed) {
+            committed();
+        }
+        self.keep_a_spare();
+        Ok(())
+    }
+
+    /// Retires the segments before the cursor's, all of whose records are committed.
+    fn recycle(&self, state: &mut State) {
+        while state.live.len() > 1 {
+            let Some(front) = state.live.front() else { break };
+            let behind = self.cursor.as_ref().is_some_and(|cursor| cursor.path != front.path);
+            if !behind || front.last_seq > state.applied_seq {
+                break;
+            }
+            let Some(done) = state.live.pop_front() else { break };
+            let reuse = std::fs::metadata(&done.path).is_ok_and(|meta| meta.len() == SEGMENT_BYTES)
+                && state.spares.len() < MAX_SPARES;
+            let retired = if reuse { log::retire(&done.path) } else { std::fs::remove_file(&done.path) };
+            match retired {
+                Ok(()) if reuse => state.spares.push(done.path),
+                Ok(()) => {}
+                Err(error) => {
+                    tracing::warn!(segment = %done.path.display(), error = %error, "cannot retire ingest log segment")
                 }
             }
         }
     }
-    // Checkpoint so that the WAL does not grow across restarts; failure here is harmless.
-    if let Err(error) = connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);") {
-        tracing::warn!(error = %error, "wal checkpoint at shutdown failed");
+
+    /// Zero-fills a spare segment ahead of need, here rather than on the ACK path.
+    fn keep_a_spare(&self) {
+        let number = {
+            let mut state = self.shared.lock();
+            if !state.spares.is_empty() || state.closed {
+                return;
+            }
+            state.next_number += 1;
+            state.next_number - 1
+        };
+        match log::create(&self.shared.directory, number, SEGMENT_BYTES) {
+            Ok(path) => self.shared.lock().spares.push(path),
+            Err(error) => tracing::warn!(error = %error, "cannot prepare a spare ingest log segment"),
+        }
     }
 }
 
-fn write_batch(connection: &mut Connection, batch: &mut [Request]) -> rusqlite::Result<Vec<Done>> {
+type Replies = Vec<(tokio::sync::oneshot::Sender<Result<(), Error>>, Result<(), String>)>;
+
+/// One transaction: the records, the duplicate counts, then each change in a savepoint.
+/// Returns how many records were inserted and each change's outcome.
+fn write(
+    connection: &mut Connection,
+    records: &[Record],
+    duplicates: &[i64],
+    changes: Changes,
+) -> rusqlite::Result<(usize, Replies)> {
     // IMMEDIATE: the write lock is taken up front. This thread is the journal file's only
     // writer in the gateway; an operator's tool writing to it at the same time makes this
     // wait for the busy handler instead of failing a lock upgrade.
     let mut transaction = connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    for request in batch.iter_mut() {
-        match request {
-            Request::Append { entry, .. } => outcomes.push(Done::Appended(write_one(&transaction, entry)?)),
-            Request::Apply { change, .. } => {
-                // The change runs once; what stays behind in the request is a no-op.
-                let change = std::mem::replace(change, Box::new(|_| Ok(())));
-                let savepoint = transaction.savepoint()?;
-                let applied = match change(&savepoint) {
-                    Ok(()) => savepoint.commit().map_err(|error| error.to_string()),
-                    Err(error) => Err(error.to_string()), // dropping the savepoint rolls it back
-                };
-                outcomes.push(Done::Applied(applied));
-            }
-        }
+    for record in records {
+        insert(&transaction, record)?;
+    }
+    for id in duplicates {
+        transaction.prepare_cached("UPDATE messages SET duplicates = duplicates + 1 WHERE id = ?1")?.execute([id])?;
+    }
+    let mut replies = Vec::with_capacity(changes.len());
+    for (change, reply) in changes {
+        let savepoint = transaction.savepoint()?;
+        let applied = match change(&savepoint) {
+            Ok(()) => savepoint.commit().map_err(|error| error.to_string()),
+            Err(error) => Err(error.to_string()), // dropping the savepoint rolls it back
+        };
+        replies.push((reply, applied));
     }
     transaction.commit()?;
-    Ok(outcomes)
+    Ok((records.len(), replies))
 }
 
-fn write_one(transaction: &Transaction<'_>, entry: &NewEntry) -> rusqlite::Result<Appended> {
-    let digest = Sha256::digest(&entry.raw);
-    let content_hash = digest.as_slice();
-    if entry.status == Status::Accepted && entry.duplicate_window_us > 0 {
-        if let Some(duplicate) = find_duplicate(transaction, entry, content_hash)? {
-            return Ok(duplicate);
-        }
-    }
+fn insert(transaction: &Transaction<'_>, record: &Record) -> rusqlite::Result<()> {
+    let entry = &record.entry;
     let key = &entry.key;
     transaction
         .prepare_cached(
-            "INSERT INTO messages (received_at_us, peer, sending_application, sending_facility,
+            "INSERT INTO messages (id, received_at_us, peer, sending_application, sending_facility,
                 receiving_application, receiving_facility, message_datetime, message_type,
                 control_id, version, charset, content_sha256, raw, raw_truncated, ack_code, ack,
                 status, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
         )?
         .execute(params![
+            record.seq,
             entry.received_at_us,
             entry.peer,
             key.sending_application,
@@ -150,7 +275,7 @@ fn write_one(transaction: &Transaction<'_>, entry: &NewEntry) -> rusqlite::Resul
             key.control_id,
             key.version,
             entry.charset,
-            content_hash,
+            &record.content_hash[..],
             &entry.raw[..],
             entry.raw_truncated,
             entry.ack_code,
@@ -158,7 +283,90 @@ fn write_one(transaction: &Transaction<'_>, entry: &NewEntry) -> rusqlite::Resul
             entry.status.as_str(),
             entry.error,
         ])?;
-    Ok(Appended::Stored { id: transaction.last_insert_rowid() })
+    Ok(())
+}
+
+/// Creates the log directory if needed and takes its lock, held as long as the returned
+/// file is open: two gateways appending to one log would corrupt it.
+pub(super) fn lock(directory: &Path) -> Result<File, Error> {
+    let failed = |what: &str, error: &dyn std::fmt::Display| {
+        Error::Write(format!("ingest log {}: {what}: {error}", directory.display()))
+    };
+    if !directory.exists() {
+        std::fs::create_dir_all(directory).map_err(|error| failed("cannot create", &error))?;
+        if let Some(parent) = directory.parent() {
+            File::open(parent).and_then(|parent| parent.sync_all()).map_err(|error| failed("cannot sync", &error))?;
+        }
+    }
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(directory.join("LOCK"))
+        .map_err(|error| failed("cannot open the lock file", &error))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(failed("in use", &"another gateway process has this data directory open"))
+        }
+        Err(std::fs::TryLockError::Error(error)) => Err(failed("cannot lock", &error)),
+    }
+}
+
+/// Copies into `journal.db` every record of the log at `directory` that it does not have
+/// yet (a crash or power cut after the ACK, before the writer's commit), then retires the
+/// log's segments. Returns the last row id, the next segment number and the spares.
+pub(super) fn recover(connection: &mut Connection, directory: &Path) -> Result<(i64, u64, Vec<PathBuf>), Error> {
+    let failed = |what: &str, error: &dyn std::fmt::Display| {
+        Error::Write(format!("ingest log {}: {what}: {error}", directory.display()))
+    };
+    let last_row = |connection: &Connection| {
+        connection.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |row| row.get::<_, i64>(0))
+    };
+    let mut last_id = last_row(connection).map_err(|error| failed("cannot read journal.db", &error))?;
+    let mut segments = log::list(directory).map_err(|error| failed("cannot list", &error))?;
+    segments.sort_by_key(|segment| (segment.first_seq, segment.number));
+    let mut recovered = 0usize;
+    for segment in segments.iter().filter(|segment| segment.first_seq.is_some()) {
+        let first_seq = segment.first_seq.unwrap_or_default();
+        let data = File::open(&segment.path)
+            .and_then(|file| log::read_range(&file, BLOCK, segment.size))
+            .map_err(|error| failed("cannot read", &error))?;
+        let mut records = Vec::new();
+        log::scan(&data, BLOCK, first_seq, |record| {
+            if record.seq > last_id {
+                records.push(record);
+            }
+        });
+        if records.is_empty() {
+            continue;
+        }
+        write(connection, &records, &[], Vec::new()).map_err(|error| failed("cannot copy into journal.db", &error))?;
+        recovered += records.len();
+        last_id = last_row(connection).map_err(|error| failed("cannot read journal.db", &error))?;
+    }
+    if recovered > 0 {
+        tracing::info!(recovered, "journal: copied logged messages into journal.db after an unclean stop");
+    }
+    let mut spares = Vec::new();
+    for segment in &segments {
+        let reuse = segment.size == SEGMENT_BYTES && spares.len() < MAX_SPARES;
+        let retired = if reuse { log::retire(&segment.path) } else { std::fs::remove_file(&segment.path) };
+        retired.map_err(|error| failed("cannot retire a segment", &error))?;
+        if reuse {
+            spares.push(segment.path.clone());
+        }
+    }
+    let mut next_number = segments.iter().map(|segment| segment.number + 1).max().unwrap_or(1);
+    if spares.is_empty() {
+        // The first append takes this one, so that it does not wait for a zero-fill.
+        spares.push(
+            log::create(directory, next_number, SEGMENT_BYTES)
+                .map_err(|error| failed("cannot create a segment", &error))?,
+        );
+        next_number += 1;
+    }
+    Ok((last_id, next_number, spares))
 }
 
 /// Earlier non-refused rows of the same sender, MSH-10 and content inside the window.
@@ -169,14 +377,15 @@ const DUPLICATE_QUERY: &str = "SELECT id, ack, ack_code FROM messages
     WHERE sending_application = ?1 AND sending_facility = ?2 AND control_id = ?3
       AND content_sha256 = ?4 AND status <> 'refused' AND received_at_us >= ?5";
 
-fn find_duplicate(
-    transaction: &Transaction<'_>,
+/// The earliest row in `journal.db` that `entry` duplicates: its id, ACK and ACK code.
+pub(super) fn find_duplicate(
+    connection: &Connection,
     entry: &NewEntry,
     content_hash: &[u8],
-) -> rusqlite::Result<Option<Appended>> {
+) -> rusqlite::Result<Option<(i64, Vec<u8>, String)>> {
     let key = &entry.key;
     let not_before = entry.received_at_us.saturating_sub(entry.duplicate_window_us);
-    let mut statement = transaction.prepare_cached(DUPLICATE_QUERY)?;
+    let mut statement = connection.prepare_cached(DUPLICATE_QUERY)?;
     let mut original: Option<(i64, Vec<u8>, String)> = None;
     let mut rows = statement.query(params![
         key.sending_application,
@@ -191,18 +400,12 @@ fn find_duplicate(
             original = Some((id, row.get(1)?, row.get(2)?));
         }
     }
-    let Some((original_id, ack, ack_code)) = original else {
-        return Ok(None);
-    };
-    transaction
-        .prepare_cached("UPDATE messages SET duplicates = duplicates + 1 WHERE id = ?1")?
-        .execute([original_id])?;
-    Ok(Some(Appended::Duplicate { original_id, ack, ack_code }))
+    Ok(original)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Journal, MessageKey};
+    use super::super::{Appended, Journal, MessageKey, Status};
     use super::*;
     use bytes::Bytes;
 
@@ -321,6 +524,93 @@ mod tests {
             assert!(matches!(task.await.unwrap(), Appended::Stored { .. }));
         }
         assert!(journal.is_healthy());
+        drop(journal);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn opening_copies_logged_messages_that_journal_db_does_not_have() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        // A previous run stored row 1, then logged 2 and 3 and died before copying them.
+        let (journal, thread) = Journal::open(&path).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(journal.append(entry("1", b"MSH|one", 1))).unwrap();
+        drop(journal);
+        thread.join().unwrap();
+        let log_directory = super::super::log_directory(&path);
+        let segment = log::create(&log_directory, 99, 8 * BLOCK).unwrap();
+        let mut data = log::header(1, 8 * BLOCK);
+        for (seq, raw) in [(1, &b"MSH|one"[..]), (2, b"MSH|two"), (3, b"MSH|three")] {
+            log::encode(seq, &entry(&seq.to_string(), raw, seq), &[seq as u8; 32], &mut data);
+        }
+        std::os::unix::fs::FileExt::write_all_at(&File::options().write(true).open(&segment).unwrap(), &data, 0)
+            .unwrap();
+
+        let (journal, thread) = Journal::open(&path).unwrap();
+        let Appended::Stored { id } = runtime.block_on(journal.append(entry("4", b"MSH|four", 4))).unwrap() else {
+            panic!("a new message is stored")
+        };
+        assert_eq!(id, 4, "row ids continue after the recovered ones");
+        drop(journal);
+        thread.join().unwrap();
+        let connection = crate::db::open_journal(&path).unwrap();
+        let mut statement = connection.prepare("SELECT id, raw, status FROM messages ORDER BY id").unwrap();
+        let rows: Vec<(i64, Vec<u8>, String)> = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let expected: Vec<(i64, Vec<u8>, String)> =
+            [(1, &b"MSH|one"[..]), (2, b"MSH|two"), (3, b"MSH|three"), (4, b"MSH|four")]
+                .into_iter()
+                .map(|(id, raw)| (id, raw.to_vec(), "accepted".to_string()))
+                .collect();
+        assert_eq!(rows, expected);
+        assert!(
+            log::list(&log_directory)
+                .unwrap()
+                .iter()
+                .all(|segment| segment.first_seq.is_none() || segment.number != 99),
+            "the recovered segment is retired"
+        );
+    }
+
+    #[test]
+    fn a_log_longer_than_a_segment_is_copied_whole_and_its_segments_reused() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        // 48 MiB of messages: three segments and more.
+        let count = 768;
+        let raw: &'static [u8] = Box::leak(vec![b'x'; 64 << 10].into_boxed_slice());
+        for index in 0..count {
+            let mut message = entry(&index.to_string(), raw, index);
+            message.duplicate_window_us = 0;
+            runtime.block_on(journal.append(message)).unwrap();
+        }
+        drop(journal);
+        thread.join().unwrap();
+        let connection = crate::db::open_journal(&path).unwrap();
+        let (rows, bytes): (i64, i64) = connection
+            .query_row("SELECT count(*), sum(length(raw)) FROM messages", [], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap();
+        assert_eq!((rows, bytes), (count, count * (64 << 10)));
+        let files = log::list(&super::super::log_directory(&path)).unwrap().len();
+        assert!(files <= 4, "segments are reused, not accumulated: {files} files");
+    }
+
+    #[test]
+    fn a_second_gateway_on_the_same_data_directory_is_refused() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        let second = Journal::open(&path).err().expect("the log is locked");
+        assert!(second.to_string().contains("another gateway process"), "{second}");
+        drop(journal);
+        thread.join().unwrap();
+        let (journal, thread) = Journal::open(&path).expect("the lock goes with the first journal");
         drop(journal);
         thread.join().unwrap();
     }
