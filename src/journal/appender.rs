@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::log::{self, BLOCK, SEGMENT_BYTES};
@@ -124,6 +123,8 @@ pub(super) struct Appender {
     _lock: File,
     active: Option<Active>,
     unapplied: Unapplied,
+    /// The unapplied records hold every logged record after this sequence number.
+    pruned_through: i64,
     buffer: Vec<u8>,
 }
 
@@ -150,6 +151,7 @@ impl Appender {
             _lock: lock,
             active: None,
             unapplied: Unapplied::default(),
+            pruned_through: next_seq - 1,
             buffer: Vec::with_capacity(1 << 20),
         }
     }
@@ -188,17 +190,18 @@ impl Appender {
     }
 
     fn write_batch(&mut self, batch: &mut Vec<Request>) {
-        let applied_seq = self.shared.lock().applied_seq;
+        let applied_seq = self.shared.applied.load(Ordering::Acquire);
         self.unapplied.prune(applied_seq);
+        self.pruned_through = self.pruned_through.max(applied_seq);
         self.buffer.clear();
         let first_seq = self.next_seq;
         let mut outcomes: Vec<Result<Appended, Error>> = Vec::with_capacity(batch.len());
         let mut duplicates = Vec::new();
-        for request in batch.iter() {
+        for request in batch.iter_mut() {
             let entry = &request.entry;
-            let content_hash: [u8; 32] = Sha256::digest(&entry.raw).into();
+            let content_hash = request.content_hash;
             if entry.status == Status::Accepted && entry.duplicate_window_us > 0 {
-                match self.find_duplicate(entry, &content_hash) {
+                match self.find_duplicate(entry, &content_hash, request.checked.take()) {
                     Ok(Some(duplicate)) => {
                         if let Appended::Duplicate { original_id, .. } = &duplicate {
                             duplicates.push(*original_id);
@@ -249,15 +252,27 @@ impl Appender {
     }
 
     /// The earliest earlier message that `entry` repeats: among the records not yet in
-    /// `journal.db` first, then in it. In that order, a record that leaves the first set
-    /// (its rows committed) before the query runs is found by the query.
-    fn find_duplicate(&self, entry: &NewEntry, content_hash: &[u8; 32]) -> rusqlite::Result<Option<Appended>> {
+    /// `journal.db`, and in it. The caller's lookup in `journal.db` (`checked`) is used when
+    /// every record it could not see is still among the unapplied ones here; otherwise (a
+    /// commit pruned some in between, or it failed) the appender queries again. The
+    /// unapplied records are looked at first: a record that leaves them (its row committed)
+    /// before the query runs is found by the query.
+    fn find_duplicate(
+        &self,
+        entry: &NewEntry,
+        content_hash: &[u8; 32],
+        checked: Option<super::Checked>,
+    ) -> rusqlite::Result<Option<Appended>> {
         let not_before = entry.received_at_us.saturating_sub(entry.duplicate_window_us);
         let mut original = self
             .unapplied
             .find(entry, content_hash, not_before)
             .map(|record| (record.seq, record.ack.clone(), record.ack_code.clone()));
-        if let Some(row) = super::writer::find_duplicate(&self.reader, entry, content_hash)? {
+        let stored = match checked {
+            Some(checked) if checked.through >= self.pruned_through => checked.found,
+            _ => super::writer::find_duplicate(&self.reader, entry, content_hash)?,
+        };
+        if let Some(row) = stored {
             if original.as_ref().is_none_or(|(earliest, _, _)| row.0 < *earliest) {
                 original = Some(row);
             }
@@ -283,15 +298,20 @@ impl Appender {
             return Err(error);
         }
         active.offset += length;
-        {
+        let idle_writer = {
             let mut state = self.shared.lock();
             if let Some(live) = state.live.back_mut() {
                 live.end = active.offset;
                 live.last_seq = last_seq;
             }
+            // A writer with records to copy is waiting for its interval, not for this.
+            let idle = state.durable_seq <= state.applied_seq || state.live.len() > 1;
             state.durable_seq = last_seq;
+            idle
+        };
+        if idle_writer {
+            self.shared.changed.notify_all();
         }
-        self.shared.changed.notify_all();
         Ok(())
     }
 

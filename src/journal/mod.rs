@@ -41,10 +41,11 @@ mod writer;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
+use sha2::Digest;
 use tokio::sync::{mpsc, oneshot};
 
 pub use appender::{MAX_BATCH, QUEUE_CAPACITY};
@@ -52,6 +53,8 @@ pub use appender::{MAX_BATCH, QUEUE_CAPACITY};
 /// Most log segments holding records not yet in `journal.db` (16 MiB each: 1 GiB). When the
 /// writer falls this far behind, appends wait for it.
 pub const MAX_LIVE_SEGMENTS: usize = 64;
+/// Read connections kept for the callers' duplicate lookups.
+const MAX_READERS: usize = 8;
 /// Empty segments kept for reuse, so that rotating to a new one costs no zero-filling.
 const MAX_SPARES: usize = 2;
 
@@ -178,7 +181,20 @@ pub type Change = Box<dyn FnOnce(&rusqlite::Connection) -> rusqlite::Result<()> 
 /// An append waiting for the appender thread.
 struct Request {
     entry: Box<NewEntry>,
+    /// SHA-256 of the raw bytes.
+    content_hash: [u8; 32],
+    /// The duplicate lookup in `journal.db` done by the caller, when one was due.
+    checked: Option<Checked>,
     reply: oneshot::Sender<Result<Appended, Error>>,
+}
+
+/// A duplicate lookup in `journal.db`, done on the caller's thread so that the appender's
+/// group commit does not wait for one query per message.
+struct Checked {
+    /// `applied_seq` read before the query: every row up to it was visible to the query.
+    through: i64,
+    /// The earliest duplicate found: id, ACK and ACK code.
+    found: Option<(i64, Vec<u8>, String)>,
 }
 
 /// A log segment whose records are not all in `journal.db` yet.
@@ -217,6 +233,12 @@ struct State {
 
 struct Shared {
     directory: PathBuf,
+    /// `State::applied_seq`, readable without the lock (set after the commit it names).
+    applied: AtomicI64,
+    /// Read connections to `journal.db` for the callers' duplicate lookups.
+    readers: Mutex<Vec<rusqlite::Connection>>,
+    /// The journal database file.
+    database: PathBuf,
     state: Mutex<State>,
     /// Signalled on every change of `state`.
     changed: Condvar,
@@ -274,10 +296,14 @@ impl Journal {
         let directory = log_directory(path);
         let lock = writer::lock(&directory)?;
         let (applied_seq, next_number, spares) = writer::recover(&mut connection, &directory)?;
-        // The appender's own connection, for the duplicate lookup.
+        // The appender's own connection, for the duplicate lookups that the callers' came too
+        // early for.
         let reader = crate::db::open_journal(path)?;
         let shared = Arc::new(Shared {
             directory,
+            applied: AtomicI64::new(applied_seq),
+            readers: Mutex::new(Vec::new()),
+            database: path.to_path_buf(),
             state: Mutex::new(State { spares, next_number, applied_seq, durable_seq: applied_seq, ..State::default() }),
             changed: Condvar::new(),
         });
@@ -318,8 +344,34 @@ impl Journal {
     /// pipelined messages and then wait for each in turn.
     pub async fn submit(&self, entry: NewEntry) -> Result<Pending, Error> {
         let (reply, answer) = oneshot::channel();
-        self.sender.send(Request { entry: Box::new(entry), reply }).await.map_err(|_| Error::Closed)?;
+        let content_hash: [u8; 32] = sha2::Sha256::digest(&entry.raw).into();
+        let checked = if entry.status == Status::Accepted && entry.duplicate_window_us > 0 {
+            // A failed lookup here is not an answer: the appender looks again.
+            self.check_duplicate(&entry, &content_hash).ok()
+        } else {
+            None
+        };
+        let request = Request { entry: Box::new(entry), content_hash, checked, reply };
+        self.sender.send(request).await.map_err(|_| Error::Closed)?;
         Ok(Pending { answer })
+    }
+
+    /// Looks for an earlier copy of `entry` in `journal.db` (an indexed read of a few
+    /// microseconds, from the page cache).
+    fn check_duplicate(&self, entry: &NewEntry, content_hash: &[u8; 32]) -> Result<Checked, Error> {
+        let through = self.shared.applied.load(Ordering::Acquire);
+        let pooled = self.shared.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let reader = match pooled {
+            Some(reader) => reader,
+            None => crate::db::open_journal(&self.shared.database)?,
+        };
+        let found = writer::find_duplicate(&reader, entry, content_hash);
+        let mut readers = self.shared.readers.lock().unwrap_or_else(PoisonError::into_inner);
+        if readers.len() < MAX_READERS {
+            readers.push(reader);
+        }
+        drop(readers);
+        Ok(Checked { through, found: found.map_err(|error| Error::Write(error.to_string()))? })
     }
 
     /// Runs `change` in the writer's next transaction and waits until it is committed.

@@ -15,7 +15,7 @@ use super::{Error, NewEntry, Notify, Shared, State, MAX_SPARES};
 /// Most log bytes copied in one transaction (a single larger segment goes whole).
 const MAX_READ_BYTES: u64 = 32 << 20;
 /// Longest a logged message waits to be copied into `journal.db` while the log has room.
-const COPY_INTERVAL: Duration = Duration::from_millis(10);
+const COPY_INTERVAL: Duration = Duration::from_millis(20);
 /// Pause before retrying after `journal.db` refused a transaction.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -166,6 +166,7 @@ impl Writer {
             // `reached`, not the last record read: an unreadable stretch is passed over
             // rather than waited for.
             state.applied_seq = state.applied_seq.max(reached);
+            self.shared.applied.store(state.applied_seq, Ordering::Release);
             self.recycle(&mut state);
         }
         self.shared.changed.notify_all();
@@ -611,6 +612,32 @@ mod tests {
         drop(journal);
         thread.join().unwrap();
         let (journal, thread) = Journal::open(&path).expect("the lock goes with the first journal");
+        drop(journal);
+        thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_duplicate_lookup_that_missed_a_commit_is_done_again() {
+        let directory = tempfile::tempdir().unwrap();
+        let (journal, thread) = Journal::open(&directory.path().join("j.db")).unwrap();
+        let Appended::Stored { id } = journal.append(entry("1", b"MSH|one", 1_000_000)).await.unwrap() else {
+            panic!("first append must store")
+        };
+        // Wait until the writer has copied it into journal.db and the appender has let go of it.
+        while journal.shared.applied.load(Ordering::Acquire) < id {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        journal.append(entry("2", b"MSH|two", 1_000_001)).await.unwrap();
+        // A caller's lookup made before that commit (it saw nothing) must not be trusted.
+        let stale = super::super::Checked { through: 0, found: None };
+        let repeat = entry("1", b"MSH|one", 2_000_000);
+        let content_hash: [u8; 32] =
+            sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&repeat.raw)).into();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = super::super::Request { entry: Box::new(repeat), content_hash, checked: Some(stale), reply };
+        assert!(journal.sender.send(request).await.is_ok());
+        let answered = answer.await.unwrap().unwrap();
+        assert!(matches!(answered, Appended::Duplicate { original_id, .. } if original_id == id), "{answered:?}");
         drop(journal);
         thread.join().unwrap();
     }
