@@ -8,7 +8,7 @@
 //!   stages move accepted rows on).
 //! - **Durable before the ACK.** [`Journal::append`] returns only after the message is on
 //!   disk: written to the ingest log ([`log`], a directory `journal-log/` beside
-//!   `journal.db`) and `fdatasync`ed. The listener sends the ACK after that, so an AA never
+//!   `journal.db`) with a synchronous (`O_DSYNC`) write. The listener sends the ACK after that, so an AA never
 //!   names a message that a power cut could lose.
 //! - **Group commit.** The appender thread takes every append waiting in its queue (up to
 //!   [`MAX_BATCH`]) into one log write and one sync, so that many connections share one
