@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Durable MLLP ingest benchmark: the gateway (every message fsynced before its ACK) side by
-# side with simple-hl7 (Node.js, stores nothing) and a raw ACK server (the load generator's
-# own ceiling), all measured in one run with two load generators: ../shared/bench/loadgen.py
+# Durable MLLP ingest benchmark: the gateway (every message synced to disk before its ACK) side
+# by side with simple-hl7 (Node.js, stores nothing) and two raw ACK servers that parse and store
+# nothing (raw-ack in Python, rust-ack = mllp-load --serve-ack: the machine's ceiling), all measured in one run with two load generators: ../shared/bench/loadgen.py
 # (Python, the shared reference) and src/bin/mllp-load.rs (the same rules in Rust, whose
 # own ceiling is higher).
 #
@@ -46,6 +46,10 @@ NODE_MLLP_DIR="$node_dir" node "$bench/simple_hl7_server.js" 6602 900 >/dev/null
 pids+=($!)
 "$venv/bin/python" "$bench/raw_ack_server.py" --port 6600 --max-seconds 900 --uvloop >/dev/null 2>&1 &
 pids+=($!)
+# The same do-nothing server in Rust (mllp-load --serve-ack): the machine's ceiling for a Rust
+# MLLP server, which the Python one is below at 8 connections.
+"$rust_loadgen" --serve-ack --port 6604 --max-seconds 900 >/dev/null 2>&1 &
+pids+=($!)
 for _ in $(seq 50); do
   "$gateway" health --http http://127.0.0.1:6611 2>/dev/null && break
   sleep 0.2
@@ -73,7 +77,7 @@ run() { # client label port connections total
   sleep 2 # let the gateway's pipeline and checkpoints settle between runs
 }
 for client in $clients; do
-  for spec in "raw-ack 6600" "simple-hl7 6602" "gateway 6610"; do
+  for spec in "raw-ack 6600" "rust-ack 6604" "simple-hl7 6602" "gateway 6610"; do
     set -- $spec
     run "$client" "$1" "$2" 1 5000
     run "$client" "$1" "$2" 8 20000
@@ -97,8 +101,9 @@ for r in rows:
 print()
 for client in ("python", "rust"):
     for c in (1, 8):
-        g, n, raw = (by.get((client, label, c)) for label in ("gateway", "simple-hl7", "raw-ack"))
-        if g and n and raw:
+        g, n, raw, rust = (by.get((client, label, c)) for label in ("gateway", "simple-hl7", "raw-ack", "rust-ack"))
+        if g and n and raw and rust:
             print(f"{client} client, {c} connection(s): gateway / simple-hl7 {g['median_msgs_per_s'] / n['median_msgs_per_s']:.2f}, "
-                  f"gateway / raw-ack {g['median_msgs_per_s'] / raw['median_msgs_per_s']:.2f}")
+                  f"gateway / raw-ack {g['median_msgs_per_s'] / raw['median_msgs_per_s']:.2f}, "
+                  f"gateway / rust-ack {g['median_msgs_per_s'] / rust['median_msgs_per_s']:.2f}")
 PY

@@ -11,6 +11,11 @@
 //!
 //! The client runs on one thread (like the Python tool), so it uses at most one core.
 //!
+//! `--serve-ack` turns it into the other end instead: a server on `127.0.0.1:PORT` that
+//! answers every frame with a fixed AA echoing its MSH-10, parsing and storing nothing, on
+//! the runtime's worker threads. It measures what the machine allows a Rust MLLP server
+//! (the Python `raw_ack_server.py` is slower than the Rust client at 8 connections).
+//!
 //! ```sh
 //! cargo build --release --bin mllp-load
 //! target/release/mllp-load --port 2575 -c 8 -n 20000 --repeat 3 \
@@ -34,10 +39,12 @@ struct Args {
     json: bool,
     max_seconds: u64,
     ack_timeout: Duration,
+    serve_ack: bool,
 }
 
 const USAGE: &str = "usage: mllp-load --port PORT [--host 127.0.0.1] [-c CONNECTIONS] [-n TOTAL] \
-[--message-file FILE] [--repeat R] [--label L] [--json] [--max-seconds S] [--ack-timeout SECONDS]";
+[--message-file FILE] [--repeat R] [--label L] [--json] [--max-seconds S] [--ack-timeout SECONDS]\n\
+       mllp-load --serve-ack --port PORT [--max-seconds S]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
@@ -51,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         json: false,
         max_seconds: 120,
         ack_timeout: Duration::from_secs(10),
+        serve_ack: false,
     };
     let mut items = std::env::args().skip(1);
     while let Some(flag) = items.next() {
@@ -65,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
             "--repeat" => args.repeat = number(value()?)?.max(1) as usize,
             "--label" => args.label = value()?,
             "--json" => args.json = true,
+            "--serve-ack" => args.serve_ack = true,
             "--max-seconds" => args.max_seconds = number(value()?)?,
             "--ack-timeout" => args.ack_timeout = Duration::from_secs(number(value()?)?),
             "-h" | "--help" => return Err(USAGE.to_string()),
@@ -239,6 +248,31 @@ async fn run_once(args: &Args, template: &std::sync::Arc<Template>, run: usize) 
     Run { ok, errors, elapsed, latencies }
 }
 
+/// `--serve-ack`: answers every frame with AA and its MSH-10, until `max_seconds` pass.
+async fn serve_ack(args: &Args) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port)).await?;
+    let serve = async {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let (mut buffer, mut frame) = (Vec::with_capacity(8192), Vec::with_capacity(2048));
+                while let Ok(true) = read_frame(&mut stream, &mut buffer, &mut frame).await {
+                    let text = String::from_utf8_lossy(&frame);
+                    let control_id =
+                        text.split(['\r', '\n']).next().and_then(|msh| msh.split('|').nth(9)).unwrap_or("");
+                    let ack = format!("\x0bMSH|^~\\&|ACK|ACK|||20240101000000||ACK|A{control_id}|P|2.5.1\rMSA|AA|{control_id}\r\x1c\r");
+                    if stream.write_all(ack.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(args.max_seconds), serve).await;
+    Ok(())
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -252,6 +286,16 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    if args.serve_ack {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+        return match runtime.block_on(serve_ack(&args)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("cannot serve on port {}: {error}", args.port);
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let template = match Template::load(args.message_file.as_deref()) {
         Ok(template) => std::sync::Arc::new(template),
         Err(message) => {
