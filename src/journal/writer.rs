@@ -189,15 +189,8 @@ impl Writer {
                 break;
             }
             let Some(done) = state.live.pop_front() else { break };
-            let reuse = std::fs::metadata(&done.path).is_ok_and(|meta| meta.len() == SEGMENT_BYTES)
-                && state.spares.len() < MAX_SPARES;
-            let retired = if reuse { log::retire(&done.path) } else { std::fs::remove_file(&done.path) };
-            match retired {
-                Ok(()) if reuse => state.spares.push(done.path),
-                Ok(()) => {}
-                Err(error) => {
-                    tracing::warn!(segment = %done.path.display(), error = %error, "cannot retire ingest log segment")
-                }
+            if let Err(error) = retire(done.path.clone(), &mut state.spares) {
+                tracing::warn!(segment = %done.path.display(), error = %error, "cannot retire ingest log segment")
             }
         }
     }
@@ -287,12 +280,28 @@ fn insert(transaction: &Transaction<'_>, record: &Record) -> rusqlite::Result<()
     Ok(())
 }
 
+/// An error about the ingest log at `directory`.
+fn log_error(directory: &Path, what: &str, error: &dyn std::fmt::Display) -> Error {
+    Error::Write(format!("ingest log {}: {what}: {error}", directory.display()))
+}
+
+/// Retires a segment whose records are all in `journal.db`: kept as a spare while fewer than
+/// [`MAX_SPARES`] are kept and it has the standard size, deleted otherwise.
+fn retire(path: PathBuf, spares: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let standard = std::fs::metadata(&path)?.len() == SEGMENT_BYTES;
+    if standard && spares.len() < MAX_SPARES {
+        log::retire(&path)?;
+        spares.push(path);
+        Ok(())
+    } else {
+        std::fs::remove_file(&path)
+    }
+}
+
 /// Creates the log directory if needed and takes its lock, held as long as the returned
 /// file is open: two gateways appending to one log would corrupt it.
 pub(super) fn lock(directory: &Path) -> Result<File, Error> {
-    let failed = |what: &str, error: &dyn std::fmt::Display| {
-        Error::Write(format!("ingest log {}: {what}: {error}", directory.display()))
-    };
+    let failed = |what: &str, error: &dyn std::fmt::Display| log_error(directory, what, error);
     if !directory.exists() {
         std::fs::create_dir_all(directory).map_err(|error| failed("cannot create", &error))?;
         if let Some(parent) = directory.parent() {
@@ -318,9 +327,7 @@ pub(super) fn lock(directory: &Path) -> Result<File, Error> {
 /// yet (a crash or power cut after the ACK, before the writer's commit), then retires the
 /// log's segments. Returns the last row id, the next segment number and the spares.
 pub(super) fn recover(connection: &mut Connection, directory: &Path) -> Result<(i64, u64, Vec<PathBuf>), Error> {
-    let failed = |what: &str, error: &dyn std::fmt::Display| {
-        Error::Write(format!("ingest log {}: {what}: {error}", directory.display()))
-    };
+    let failed = |what: &str, error: &dyn std::fmt::Display| log_error(directory, what, error);
     let last_row = |connection: &Connection| {
         connection.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |row| row.get::<_, i64>(0))
     };
@@ -351,12 +358,7 @@ pub(super) fn recover(connection: &mut Connection, directory: &Path) -> Result<(
     }
     let mut spares = Vec::new();
     for segment in &segments {
-        let reuse = segment.size == SEGMENT_BYTES && spares.len() < MAX_SPARES;
-        let retired = if reuse { log::retire(&segment.path) } else { std::fs::remove_file(&segment.path) };
-        retired.map_err(|error| failed("cannot retire a segment", &error))?;
-        if reuse {
-            spares.push(segment.path.clone());
-        }
+        retire(segment.path.clone(), &mut spares).map_err(|error| failed("cannot retire a segment", &error))?;
     }
     let mut next_number = segments.iter().map(|segment| segment.number + 1).max().unwrap_or(1);
     if spares.is_empty() {
