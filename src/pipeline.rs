@@ -261,6 +261,7 @@ impl Worker {
         lower_priority();
         let mut inbound = Inbound::new(self.journal.stored_count());
         while !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            self.metrics.journal_log_backlog.set(self.journal.log_backlog());
             if inbound.busy(self.journal.stored_count()) && self.lag().is_some_and(|lag| lag < MAX_DEFER) {
                 std::thread::sleep(DEFER_PROBE);
                 continue;

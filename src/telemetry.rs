@@ -127,6 +127,8 @@ pub struct Metrics {
     pub pipeline_messages: Family<OutcomeLabels, Counter>,
     /// `hl7gw_pipeline_backlog`: accepted messages not yet processed.
     pub pipeline_backlog: Gauge,
+    /// `hl7gw_journal_log_backlog`: acknowledged messages not yet copied into `journal.db`.
+    pub journal_log_backlog: Gauge,
     /// `hl7gw_pipeline_latency_seconds`: receive → resources stored.
     pub pipeline_latency: Histogram,
     /// `hl7gw_fhir_requests_total{interaction,status}`.
@@ -197,6 +199,7 @@ impl Metrics {
         registry.register("mllp_tls_handshake_failures", "Failed TLS handshakes", tls_handshake_failures.clone());
         let pipeline_messages = Family::<OutcomeLabels, Counter>::default();
         let pipeline_backlog = Gauge::default();
+        let journal_log_backlog = Gauge::default();
         // 1 ms .. ~65 s
         let pipeline_latency =
             Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17));
@@ -210,6 +213,11 @@ impl Metrics {
             pipeline_messages.clone(),
         );
         registry.register("pipeline_backlog", "Accepted messages waiting to be converted", pipeline_backlog.clone());
+        registry.register(
+            "journal_log_backlog",
+            "Acknowledged messages in the ingest log not yet copied into journal.db",
+            journal_log_backlog.clone(),
+        );
         registry.register(
             "pipeline_latency_seconds",
             "Time from receiving a message to its resources being stored",
@@ -261,6 +269,7 @@ impl Metrics {
             outbox_delivery_latency,
             pipeline_messages,
             pipeline_backlog,
+            journal_log_backlog,
             pipeline_latency,
             fhir_requests,
             fhir_request_duration,

@@ -1017,6 +1017,7 @@ async fn health_and_metrics_endpoints() {
     let metrics = http_get(&gateway, "/metrics").await;
     assert_eq!(metrics.status, 200);
     assert!(metrics.body.contains("# TYPE hl7gw_mllp_ack_latency_seconds histogram"), "{}", metrics.body);
+    assert!(metrics.body.contains("# TYPE hl7gw_journal_log_backlog gauge"), "{}", metrics.body);
     gateway.stop().await;
 }
 

@@ -309,6 +309,7 @@ impl Appender {
             // A writer with records to copy is waiting for its interval, not for this.
             let idle = state.durable_seq <= state.applied_seq || state.live.len() > 1;
             state.durable_seq = last_seq;
+            self.shared.durable.store(last_seq, Ordering::Release);
             idle
         };
         if idle_writer {

@@ -235,6 +235,8 @@ struct Shared {
     directory: PathBuf,
     /// `State::applied_seq`, readable without the lock (set after the commit it names).
     applied: AtomicI64,
+    /// `State::durable_seq`, readable without the lock.
+    durable: AtomicI64,
     /// Read connections to `journal.db` for the callers' duplicate lookups.
     readers: Mutex<Vec<rusqlite::Connection>>,
     /// The journal database file.
@@ -302,6 +304,7 @@ impl Journal {
         let shared = Arc::new(Shared {
             directory,
             applied: AtomicI64::new(applied_seq),
+            durable: AtomicI64::new(applied_seq),
             readers: Mutex::new(Vec::new()),
             database: path.to_path_buf(),
             state: Mutex::new(State { spares, next_number, applied_seq, durable_seq: applied_seq, ..State::default() }),
@@ -327,6 +330,13 @@ impl Journal {
     /// Messages stored (not duplicates, not failed writes) since the journal was opened.
     pub fn stored_count(&self) -> u64 {
         self.stored.load(Ordering::Relaxed)
+    }
+
+    /// Acknowledged messages in the ingest log not yet copied into `journal.db` (an upper
+    /// bound: the sequence numbers of a failed log write count until the next copy).
+    pub fn log_backlog(&self) -> i64 {
+        let durable = self.shared.durable.load(Ordering::Acquire);
+        (durable - self.shared.applied.load(Ordering::Acquire)).max(0)
     }
 
     /// The journal's database file (for readers: the pipeline, the operator API).

@@ -629,6 +629,7 @@ mod tests {
         while journal.shared.applied.load(Ordering::Acquire) < id {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
+        assert_eq!(journal.log_backlog(), 0, "everything logged is copied");
         journal.append(entry("2", b"MSH|two", 1_000_001)).await.unwrap();
         // A caller's lookup made before that commit (it saw nothing) must not be trusted.
         let stale = super::super::Checked { through: 0, found: None };
