@@ -4,7 +4,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,8 +115,6 @@ pub(super) struct Appender {
     /// Read connection to `journal.db` for the duplicate lookup.
     reader: Connection,
     shared: Arc<Shared>,
-    healthy: Arc<AtomicBool>,
-    stored: Arc<AtomicU64>,
     next_seq: i64,
     writer: std::thread::JoinHandle<()>,
     /// The log directory's lock, released when this thread ends.
@@ -129,13 +127,10 @@ pub(super) struct Appender {
 }
 
 impl Appender {
-    #[allow(clippy::too_many_arguments)] // each is a distinct part of the appender's state
     pub(super) fn new(
         receiver: mpsc::Receiver<Request>,
         reader: Connection,
         shared: Arc<Shared>,
-        healthy: Arc<AtomicBool>,
-        stored: Arc<AtomicU64>,
         next_seq: i64,
         writer: std::thread::JoinHandle<()>,
         lock: File,
@@ -144,8 +139,6 @@ impl Appender {
             receiver,
             reader,
             shared,
-            healthy,
-            stored,
             next_seq,
             writer,
             _lock: lock,
@@ -226,9 +219,9 @@ impl Appender {
         let written = if last_seq >= first_seq { self.commit(first_seq, last_seq) } else { Ok(()) };
         match written {
             Ok(()) => {
-                self.healthy.store(true, Ordering::Relaxed);
+                self.shared.logging.store(true, Ordering::Relaxed);
                 let stored = outcomes.iter().filter(|outcome| matches!(outcome, Ok(Appended::Stored { .. }))).count();
-                self.stored.fetch_add(stored as u64, Ordering::Relaxed);
+                self.shared.stored.fetch_add(stored as u64, Ordering::Relaxed);
                 if !duplicates.is_empty() {
                     self.shared.lock().duplicates.extend(duplicates);
                     self.shared.changed.notify_all();
@@ -237,7 +230,7 @@ impl Appender {
             Err(error) => {
                 // The sequence numbers of the failed write are not reused: should part of it
                 // have reached the disk, a restart must not mistake it for later records.
-                self.healthy.store(false, Ordering::Relaxed);
+                self.shared.logging.store(false, Ordering::Relaxed);
                 tracing::error!(error = %error, batch = batch.len(), "ingest log write failed; batch refused");
                 self.unapplied.forget_from(first_seq);
                 for outcome in &mut outcomes {

@@ -237,6 +237,12 @@ struct Shared {
     applied: AtomicI64,
     /// `State::durable_seq`, readable without the lock.
     durable: AtomicI64,
+    /// False while the appender's last log write failed.
+    logging: AtomicBool,
+    /// False while the writer's last copy into `journal.db` failed.
+    copying: AtomicBool,
+    /// Messages stored since the journal was opened (the pipeline reads the inbound rate).
+    stored: AtomicU64,
     /// Read connections to `journal.db` for the callers' duplicate lookups.
     readers: Mutex<Vec<rusqlite::Connection>>,
     /// The journal database file.
@@ -264,9 +270,6 @@ impl Shared {
 pub struct Journal {
     sender: mpsc::Sender<Request>,
     shared: Arc<Shared>,
-    healthy: Arc<AtomicBool>,
-    /// Messages stored since the journal was opened (the pipeline reads the inbound rate).
-    stored: Arc<AtomicU64>,
     path: Arc<Path>,
 }
 
@@ -305,31 +308,24 @@ impl Journal {
             directory,
             applied: AtomicI64::new(applied_seq),
             durable: AtomicI64::new(applied_seq),
+            logging: AtomicBool::new(true),
+            copying: AtomicBool::new(true),
+            stored: AtomicU64::new(0),
             readers: Mutex::new(Vec::new()),
             database: path.to_path_buf(),
             state: Mutex::new(State { spares, next_number, applied_seq, durable_seq: applied_seq, ..State::default() }),
             changed: Condvar::new(),
         });
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        let healthy = Arc::new(AtomicBool::new(true));
-        let stored = Arc::new(AtomicU64::new(0));
-        let writer = writer::spawn(connection, shared.clone(), healthy.clone(), committed);
-        let appender = appender::spawn(appender::Appender::new(
-            receiver,
-            reader,
-            shared.clone(),
-            healthy.clone(),
-            stored.clone(),
-            applied_seq + 1,
-            writer,
-            lock,
-        ));
-        Ok((Journal { sender, shared, healthy, stored, path: Arc::from(path) }, appender))
+        let writer = writer::spawn(connection, shared.clone(), committed);
+        let appender =
+            appender::spawn(appender::Appender::new(receiver, reader, shared.clone(), applied_seq + 1, writer, lock));
+        Ok((Journal { sender, shared, path: Arc::from(path) }, appender))
     }
 
     /// Messages stored (not duplicates, not failed writes) since the journal was opened.
     pub fn stored_count(&self) -> u64 {
-        self.stored.load(Ordering::Relaxed)
+        self.shared.stored.load(Ordering::Relaxed)
     }
 
     /// Acknowledged messages in the ingest log not yet copied into `journal.db` (an upper
@@ -399,8 +395,11 @@ impl Journal {
         answer.blocking_recv().map_err(|_| Error::Closed)?
     }
 
-    /// False after the last write failed, or when the appender has stopped.
+    /// False while the last log write or the last copy into `journal.db` failed, or when
+    /// the appender has stopped.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed) && !self.sender.is_closed()
+        self.shared.logging.load(Ordering::Relaxed)
+            && self.shared.copying.load(Ordering::Relaxed)
+            && !self.sender.is_closed()
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,12 +22,11 @@ const RETRY_PAUSE: Duration = Duration::from_secs(1);
 pub(super) fn spawn(
     connection: Connection,
     shared: Arc<Shared>,
-    healthy: Arc<AtomicBool>,
     committed: Option<Notify>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("journal-writer".to_string())
-        .spawn(move || Writer { connection, shared, healthy, committed, cursor: None }.run())
+        .spawn(move || Writer { connection, shared, committed, cursor: None }.run())
         .expect("spawning a thread fails only when the OS is out of resources at startup")
 }
 
@@ -51,7 +50,6 @@ struct Stretch {
 struct Writer {
     connection: Connection,
     shared: Arc<Shared>,
-    healthy: Arc<AtomicBool>,
     committed: Option<Notify>,
     cursor: Option<Cursor>,
 }
@@ -96,7 +94,13 @@ impl Writer {
             };
             last_copy = Instant::now();
             if let Err(error) = self.copy(plan, reached, changes, &duplicates) {
-                self.healthy.store(false, Ordering::Relaxed);
+                self.shared.copying.store(false, Ordering::Relaxed);
+                if self.shared.lock().closed {
+                    // Shutting down: the records stay in the log, and the next start copies
+                    // them (or refuses to start, naming this error).
+                    tracing::error!(error = %error, "journal.db refused the ingest log's records; they stay in the log");
+                    break;
+                }
                 tracing::error!(error = %error, "journal.db refused the ingest log's records; retrying");
                 std::thread::sleep(RETRY_PAUSE);
             }
@@ -157,7 +161,7 @@ impl Writer {
             Ok(done) => done,
             Err(error) => return Err(error.to_string()),
         };
-        self.healthy.store(true, Ordering::Relaxed);
+        self.shared.copying.store(true, Ordering::Relaxed);
         if cursor.is_some() {
             self.cursor = cursor;
         }
@@ -643,5 +647,32 @@ mod tests {
         assert!(matches!(answered, Appended::Duplicate { original_id, .. } if original_id == id), "{answered:?}");
         drop(journal);
         thread.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_journal_db_that_refuses_copies_makes_the_journal_unhealthy_though_logging_works() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        // An operator's trigger (standing in for a full disk or a damaged file) refuses inserts.
+        let connection = crate::db::open_journal(&path).unwrap();
+        connection
+            .execute_batch("CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'refused'); END;")
+            .unwrap();
+        journal.append(entry("1", b"MSH|one", 1)).await.unwrap();
+        for _ in 0..500 {
+            if !journal.is_healthy() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!journal.is_healthy(), "the failed copy shows");
+        journal.append(entry("2", b"MSH|two", 2)).await.unwrap();
+        assert!(!journal.is_healthy(), "a good log write does not hide the failing copy");
+        drop(journal);
+        thread.join().unwrap();
+        // The next start copies the log first and says why it cannot.
+        let refused = Journal::open(&path).err().expect("recovery meets the same conflict");
+        assert!(refused.to_string().contains("cannot copy into journal.db"), "{refused}");
     }
 }
