@@ -300,8 +300,8 @@ impl Appender {
                 live.last_seq = last_seq;
             }
             // A writer with records to copy is waiting for its interval, not for this.
-            let idle = state.durable_seq <= state.applied_seq || state.live.len() > 1;
-            state.durable_seq = last_seq;
+            let idle = self.shared.durable.load(Ordering::Acquire) <= self.shared.applied.load(Ordering::Acquire)
+                || state.live.len() > 1;
             self.shared.durable.store(last_seq, Ordering::Release);
             idle
         };

@@ -191,7 +191,7 @@ struct Request {
 /// A duplicate lookup in `journal.db`, done on the caller's thread so that the appender's
 /// group commit does not wait for one query per message.
 struct Checked {
-    /// `applied_seq` read before the query: every row up to it was visible to the query.
+    /// `Shared::applied` read before the query: every row up to it was visible to the query.
     through: i64,
     /// The earliest duplicate found: id, ACK and ACK code.
     found: Option<(i64, Vec<u8>, String)>,
@@ -223,19 +223,16 @@ struct State {
     changes: Vec<(Change, oneshot::Sender<Result<(), Error>>)>,
     /// Row ids whose duplicate counter is to be incremented.
     duplicates: Vec<i64>,
-    /// Highest sequence number synced in the log.
-    durable_seq: i64,
-    /// Highest sequence number committed in `journal.db`.
-    applied_seq: i64,
     /// The appender has stopped: the writer finishes the log and stops too.
     closed: bool,
 }
 
 struct Shared {
     directory: PathBuf,
-    /// `State::applied_seq`, readable without the lock (set after the commit it names).
+    /// Highest sequence number committed in `journal.db`; set, under the state lock, after
+    /// the commit it names.
     applied: AtomicI64,
-    /// `State::durable_seq`, readable without the lock.
+    /// Highest sequence number synced in the log; set under the state lock.
     durable: AtomicI64,
     /// False while the appender's last log write failed.
     logging: AtomicBool,
@@ -259,6 +256,11 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// True while the log holds synced records not yet committed in `journal.db`.
+    fn copy_due(&self) -> bool {
+        self.durable.load(Ordering::Acquire) > self.applied.load(Ordering::Acquire)
+    }
+
     fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         self.changed.wait(guard).unwrap_or_else(PoisonError::into_inner)
     }
@@ -270,7 +272,6 @@ impl Shared {
 pub struct Journal {
     sender: mpsc::Sender<Request>,
     shared: Arc<Shared>,
-    path: Arc<Path>,
 }
 
 /// The directory of the ingest log that belongs to the journal database at `path`
@@ -313,14 +314,14 @@ impl Journal {
             stored: AtomicU64::new(0),
             readers: Mutex::new(Vec::new()),
             database: path.to_path_buf(),
-            state: Mutex::new(State { spares, next_number, applied_seq, durable_seq: applied_seq, ..State::default() }),
+            state: Mutex::new(State { spares, next_number, ..State::default() }),
             changed: Condvar::new(),
         });
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let writer = writer::spawn(connection, shared.clone(), committed);
         let appender =
             appender::spawn(appender::Appender::new(receiver, reader, shared.clone(), applied_seq + 1, writer, lock));
-        Ok((Journal { sender, shared, path: Arc::from(path) }, appender))
+        Ok((Journal { sender, shared }, appender))
     }
 
     /// Messages stored (not duplicates, not failed writes) since the journal was opened.
@@ -337,7 +338,7 @@ impl Journal {
 
     /// The journal's database file (for readers: the pipeline, the operator API).
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.database
     }
 
     /// Appends a message and waits until it is durable (or found to be a duplicate).

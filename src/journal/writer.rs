@@ -69,7 +69,7 @@ impl Writer {
                     if !state.changes.is_empty() || state.closed {
                         break;
                     }
-                    let logged = state.durable_seq > state.applied_seq || !state.duplicates.is_empty();
+                    let logged = self.shared.copy_due() || !state.duplicates.is_empty();
                     let due = COPY_INTERVAL.saturating_sub(last_copy.elapsed());
                     if logged && (due.is_zero() || state.live.len() > 1) {
                         break;
@@ -83,11 +83,7 @@ impl Writer {
                         self.shared.wait(state)
                     };
                 }
-                if state.closed
-                    && state.durable_seq <= state.applied_seq
-                    && state.changes.is_empty()
-                    && state.duplicates.is_empty()
-                {
+                if state.closed && !self.shared.copy_due() && state.changes.is_empty() && state.duplicates.is_empty() {
                     break;
                 }
                 (self.plan(&state), std::mem::take(&mut state.changes), std::mem::take(&mut state.duplicates))
@@ -117,7 +113,7 @@ impl Writer {
     fn plan(&self, state: &State) -> (Vec<Stretch>, i64) {
         let mut plan = Vec::new();
         let mut bytes = 0;
-        let mut reached = state.applied_seq;
+        let mut reached = self.shared.applied.load(Ordering::Acquire);
         let start = self
             .cursor
             .as_ref()
@@ -169,8 +165,7 @@ impl Writer {
             let mut state = self.shared.lock();
             // `reached`, not the last record read: an unreadable stretch is passed over
             // rather than waited for.
-            state.applied_seq = state.applied_seq.max(reached);
-            self.shared.applied.store(state.applied_seq, Ordering::Release);
+            self.shared.applied.fetch_max(reached, Ordering::AcqRel);
             self.recycle(&mut state);
         }
         self.shared.changed.notify_all();
@@ -189,7 +184,7 @@ impl Writer {
         while state.live.len() > 1 {
             let Some(front) = state.live.front() else { break };
             let behind = self.cursor.as_ref().is_some_and(|cursor| cursor.path != front.path);
-            if !behind || front.last_seq > state.applied_seq {
+            if !behind || front.last_seq > self.shared.applied.load(Ordering::Acquire) {
                 break;
             }
             let Some(done) = state.live.pop_front() else { break };
