@@ -146,6 +146,32 @@ pub fn align(offset: u64) -> u64 {
     offset.div_ceil(BLOCK) * BLOCK
 }
 
+/// The text fields of a record, in their order in the payload.
+fn texts(entry: &NewEntry) -> [&String; 11] {
+    let key = &entry.key;
+    [
+        &entry.peer,
+        &key.sending_application,
+        &key.sending_facility,
+        &key.receiving_application,
+        &key.receiving_facility,
+        &key.message_datetime,
+        &key.message_type,
+        &key.control_id,
+        &key.version,
+        &entry.charset,
+        &entry.ack_code,
+    ]
+}
+
+/// At least as many bytes as [`encode`] appends for `entry`, padding included.
+pub fn encoded_bound(entry: &NewEntry) -> u64 {
+    let texts = texts(entry).iter().map(|text| 4 + text.len()).sum::<usize>();
+    let error = entry.error.as_ref().map_or(0, |error| 4 + error.len());
+    // Header, format, time, two flags, hash; the texts; the error flag and error; ACK, raw; padding.
+    (RECORD_HEADER + 1 + 8 + 2 + 32 + texts + 1 + error + 4 + entry.ack.len() + 4 + entry.raw.len() + 7) as u64
+}
+
 /// Appends one record to `out` (8-byte aligned, as every record must start).
 pub fn encode(seq: i64, entry: &NewEntry, content_hash: &[u8; 32], out: &mut Vec<u8>) {
     let start = out.len();
@@ -158,20 +184,7 @@ pub fn encode(seq: i64, entry: &NewEntry, content_hash: &[u8; 32], out: &mut Vec
         Status::Refused => 1,
     });
     out.extend_from_slice(content_hash);
-    let key = &entry.key;
-    for text in [
-        &entry.peer,
-        &key.sending_application,
-        &key.sending_facility,
-        &key.receiving_application,
-        &key.receiving_facility,
-        &key.message_datetime,
-        &key.message_type,
-        &key.control_id,
-        &key.version,
-        &entry.charset,
-        &entry.ack_code,
-    ] {
+    for text in texts(entry) {
         put_bytes(out, text.as_bytes());
     }
     match &entry.error {
@@ -206,7 +219,8 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
 /// Where [`scan`] stopped.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Scanned {
-    /// Absolute offset just after the last good record.
+    /// Absolute offset just after the last good record and the padding that closes its
+    /// commit: the end of what was read, when every record was good.
     pub end: u64,
     /// The sequence number the next record would have.
     pub next_seq: i64,
@@ -229,6 +243,8 @@ pub fn scan(data: &[u8], base: u64, mut next_seq: i64, mut visit: impl FnMut(Rec
                 break; // a block that starts with zeroes was never written
             }
             position = (next_block - base) as usize;
+            // The commit ends with its padding: a reader that got this far read it whole.
+            end = base + position.min(data.len()) as u64;
             continue;
         }
         let Some(header) = data.get(position..position + RECORD_HEADER) else { break };
@@ -337,11 +353,69 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Reads `[from, to)` of a segment file.
-pub fn read_range(file: &File, from: u64, to: u64) -> io::Result<Vec<u8>> {
-    let mut data = vec![0u8; to.saturating_sub(from) as usize];
-    file.read_exact_at(&mut data, from)?;
-    Ok(data)
+/// Reads bytes `from..to` of a segment into `buffer` (whole blocks around them, as a file
+/// opened with [`open_for_reading`] needs) and returns them.
+pub fn read_range<'a>(file: &File, from: u64, to: u64, buffer: &'a mut Aligned) -> io::Result<&'a [u8]> {
+    let first_block = from / BLOCK * BLOCK;
+    let blocks = buffer.reserve((align(to) - first_block) as usize)?;
+    file.read_exact_at(blocks, first_block)?;
+    let skip = (from - first_block) as usize;
+    Ok(&blocks[skip..skip + (to - from) as usize])
+}
+
+/// Opens a segment for the ACK path's writes: each write returns once its data is on disk
+/// (`O_DSYNC`), and bypasses the page cache (`O_DIRECT`) where the file system allows it.
+/// Measured on the reference machine (4 KiB, p50): 125–150 µs and 30–45 µs of CPU direct,
+/// 150–190 µs and 35–75 µs of CPU through the page cache. Writes must then be whole,
+/// aligned blocks from an [`Aligned`] buffer, which every commit is.
+pub fn open_for_append(path: &Path) -> io::Result<File> {
+    open_direct(path, true, libc::O_DSYNC)
+}
+
+/// Opens a segment for reading, bypassing the page cache where the file system allows it
+/// (so that the reader never sees a cached block that a direct write has since replaced).
+pub fn open_for_reading(path: &Path) -> io::Result<File> {
+    open_direct(path, false, 0)
+}
+
+fn open_direct(path: &Path, write: bool, flags: i32) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = |extra: i32| File::options().read(true).write(write).custom_flags(flags | extra).open(path);
+    match open(libc::O_DIRECT) {
+        // Some file systems (older tmpfs, some FUSE and network mounts) refuse O_DIRECT.
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => open(0),
+        opened => opened,
+    }
+}
+
+/// Writes `data` at `offset` (both whole blocks) through `staging`, which gives the write
+/// the alignment that `O_DIRECT` asks of the memory too.
+pub fn write_blocks(file: &File, data: &[u8], offset: u64, staging: &mut Aligned) -> io::Result<()> {
+    let blocks = staging.reserve(data.len())?;
+    blocks.copy_from_slice(data);
+    file.write_all_at(blocks, offset)
+}
+
+/// A reusable buffer whose contents start on a block boundary in memory, as direct I/O
+/// needs (without `unsafe`: the start is found inside a larger vector).
+#[derive(Default)]
+pub struct Aligned {
+    storage: Vec<u8>,
+}
+
+impl Aligned {
+    /// `length` bytes (stale contents) starting on a block boundary.
+    pub fn reserve(&mut self, length: usize) -> io::Result<&mut [u8]> {
+        let block = BLOCK as usize;
+        if self.storage.len() < length + block {
+            self.storage = vec![0; length + block];
+        }
+        let start = self.storage.as_ptr().align_offset(block);
+        if start >= block {
+            return Err(io::Error::other("cannot align an I/O buffer"));
+        }
+        Ok(&mut self.storage[start..start + length])
+    }
 }
 
 #[cfg(test)]
@@ -384,6 +458,18 @@ mod tests {
         let mut records = Vec::new();
         let scanned = scan(data, BLOCK, first, |record| records.push(record));
         (records, scanned)
+    }
+
+    #[test]
+    fn the_encoded_bound_covers_every_record() {
+        let mut without_error = entry("9", b"MSH|^~\\&|A\rPID|1\r");
+        without_error.error = None;
+        for (seq, entry) in [(1, entry("1", b"MSH|x")), (2, entry("22", &[b'y'; 1001])), (3, without_error)] {
+            let mut out = Vec::new();
+            encode(seq, &entry, &[0; 32], &mut out);
+            let bound = encoded_bound(&entry);
+            assert!(out.len() as u64 <= bound && bound < out.len() as u64 + 8, "{} vs {bound}", out.len());
+        }
     }
 
     #[test]
@@ -430,6 +516,8 @@ mod tests {
     #[test]
     fn an_unwritten_block_ends_the_data() {
         let mut data = commit(&[(1, entry("A", b"MSH|one"))]);
+        let (_, scanned) = read_all(&data, 1);
+        assert_eq!(scanned.end, BLOCK + data.len() as u64, "a whole commit, its padding included, is read");
         data.extend(vec![0u8; BLOCK as usize * 2]);
         let (records, _) = read_all(&data, 1);
         assert_eq!(records.len(), 1);

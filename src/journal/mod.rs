@@ -8,21 +8,28 @@
 //!   stages move accepted rows on).
 //! - **Durable before the ACK.** [`Journal::append`] returns only after the message is on
 //!   disk: written to the ingest log ([`log`], a directory `journal-log/` beside
-//!   `journal.db`) with a synchronous (`O_DSYNC`) write. The listener sends the ACK after that, so an AA never
-//!   names a message that a power cut could lose.
-//! - **Group commit.** The appender thread takes every append waiting in its queue (up to
+//!   `journal.db`) with a synchronous (`O_DSYNC`, and `O_DIRECT` where the file system
+//!   allows) write. The listener sends the ACK after that, so an AA never names a message
+//!   that a power cut could lose.
+//! - **Group commit.** Whoever writes the log takes every append waiting in the queue (up to
 //!   [`MAX_BATCH`]) into one log write and one sync, so that many connections share one
-//!   fsync. Appends are written in queue order, which keeps the order of each connection.
+//!   fsync. That is the caller waiting for its answer when the log is free (no thread
+//!   hand-off on a quiet line), otherwise the appender thread (see `appender::Committer`).
+//!   Appends are written in queue order, which keeps the order of each connection.
 //! - **Into SQLite moments later.** The writer thread reads the log behind the appender and
 //!   inserts its records into `journal.db` (row id = the record's sequence number), in
-//!   transactions as large as the backlog, committed with `synchronous=FULL`. A log segment
-//!   is reused once every record in it is committed there. Readers of `journal.db` (the
+//!   transactions as large as the backlog. Most are committed without a sync
+//!   (`synchronous=NORMAL`: visible at once, on disk with the next synced commit); one is
+//!   synced at least every second, before a log segment is reused, at shutdown, and whenever
+//!   it carries other changes. A log segment is reused only once every record in it is
+//!   committed and synced there, so a power cut cannot lose what `journal.db` had not
+//!   synced yet: the log still has it. Readers of `journal.db` (the
 //!   pipeline, the operator API) see a message a few milliseconds after its ACK.
 //! - **Duplicates.** An accepted message whose sender (MSH-3, MSH-4), MSH-10 and content
 //!   hash match a non-refused message received inside the duplicate window is not stored
 //!   again: the original's ACK is returned and its duplicate counter incremented. The
 //!   appender looks in `journal.db` and among the logged records not yet copied there.
-//! - **Bounded.** The queue to the appender holds at most [`QUEUE_CAPACITY`] requests, and
+//! - **Bounded.** The queue of appends holds at most [`QUEUE_CAPACITY`] requests, and
 //!   the log at most [`MAX_LIVE_SEGMENTS`] segments that the writer has not finished;
 //!   callers wait when either is full (back-pressure reaches the sender as a slower ACK).
 //! - **One writer.** The writer thread is the only one that writes rows of `journal.db`:
@@ -46,7 +53,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use sha2::Digest;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 pub use appender::{MAX_BATCH, QUEUE_CAPACITY};
 
@@ -165,12 +172,30 @@ pub enum Appended {
 /// A submitted append whose commit has not been awaited yet.
 pub struct Pending {
     answer: oneshot::Receiver<Result<Appended, Error>>,
+    committer: Arc<appender::Committer>,
 }
 
 impl Pending {
-    /// Waits until the append is durable (or found to be a duplicate).
-    pub async fn wait(self) -> Result<Appended, Error> {
-        self.answer.await.map_err(|_| Error::Closed)?
+    /// Waits until the append is durable (or found to be a duplicate). When nobody is
+    /// writing the log, the caller writes it (see [`appender::Committer`]): this may block
+    /// the calling thread for one synced write, about as long as an async task may run
+    /// between two awaits.
+    pub async fn wait(mut self) -> Result<Appended, Error> {
+        match self.answer.try_recv() {
+            Ok(answer) => return answer,
+            Err(oneshot::error::TryRecvError::Closed) => return Err(Error::Closed),
+            Err(oneshot::error::TryRecvError::Empty) => {}
+        }
+        self.committer.lead();
+        (&mut self.answer).await.map_err(|_| Error::Closed)?
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // Dropped without waiting (its connection went away): the append is still queued,
+        // and the appender thread must not wait for a leader that will not come.
+        self.committer.nudge();
     }
 }
 
@@ -178,7 +203,7 @@ impl Pending {
 /// its own, so that a failing change does not hold back the rows committed with it).
 pub type Change = Box<dyn FnOnce(&rusqlite::Connection) -> rusqlite::Result<()> + Send>;
 
-/// An append waiting for the appender thread.
+/// An append waiting to be logged.
 struct Request {
     entry: Box<NewEntry>,
     /// SHA-256 of the raw bytes.
@@ -186,6 +211,8 @@ struct Request {
     /// The duplicate lookup in `journal.db` done by the caller, when one was due.
     checked: Option<Checked>,
     reply: oneshot::Sender<Result<Appended, Error>>,
+    /// Its place in the bounded queue, freed once it is answered.
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// A duplicate lookup in `journal.db`, done on the caller's thread so that the appender's
@@ -270,8 +297,17 @@ impl Shared {
 /// dropped, after logging what was queued and copying the log into `journal.db`.
 #[derive(Clone)]
 pub struct Journal {
-    sender: mpsc::Sender<Request>,
+    handle: Arc<Handle>,
     shared: Arc<Shared>,
+}
+
+/// Closes the queue when the last [`Journal`] clone is dropped.
+struct Handle(Arc<appender::Committer>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// The directory of the ingest log that belongs to the journal database at `path`
@@ -317,11 +353,10 @@ impl Journal {
             state: Mutex::new(State { spares, next_number, ..State::default() }),
             changed: Condvar::new(),
         });
-        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let writer = writer::spawn(connection, shared.clone(), committed);
-        let appender =
-            appender::spawn(appender::Appender::new(receiver, reader, shared.clone(), applied_seq + 1, writer, lock));
-        Ok((Journal { sender, shared }, appender))
+        let committer = appender::Committer::new(appender::Appender::new(reader, shared.clone(), applied_seq + 1));
+        let appender = appender::spawn(committer.clone(), shared.clone(), writer, lock);
+        Ok((Journal { handle: Arc::new(Handle(committer)), shared }, appender))
     }
 
     /// Messages stored (not duplicates, not failed writes) since the journal was opened.
@@ -350,6 +385,8 @@ impl Journal {
     /// logged in the order they were submitted, so a connection may submit several
     /// pipelined messages and then wait for each in turn.
     pub async fn submit(&self, entry: NewEntry) -> Result<Pending, Error> {
+        let committer = &self.handle.0;
+        let slot = committer.reserve().await?;
         let (reply, answer) = oneshot::channel();
         let content_hash: [u8; 32] = sha2::Sha256::digest(&entry.raw).into();
         let checked = if entry.status == Status::Accepted && entry.duplicate_window_us > 0 {
@@ -358,9 +395,8 @@ impl Journal {
         } else {
             None
         };
-        let request = Request { entry: Box::new(entry), content_hash, checked, reply };
-        self.sender.send(request).await.map_err(|_| Error::Closed)?;
-        Ok(Pending { answer })
+        committer.push(Request { entry: Box::new(entry), content_hash, checked, reply, _slot: slot });
+        Ok(Pending { answer, committer: committer.clone() })
     }
 
     /// Looks for an earlier copy of `entry` in `journal.db` (an indexed read of a few
@@ -401,6 +437,6 @@ impl Journal {
     pub fn is_healthy(&self) -> bool {
         self.shared.logging.load(Ordering::Relaxed)
             && self.shared.copying.load(Ordering::Relaxed)
-            && !self.sender.is_closed()
+            && self.handle.0.is_running()
     }
 }
