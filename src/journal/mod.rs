@@ -18,12 +18,8 @@
 //!   Appends are written in queue order, which keeps the order of each connection.
 //! - **Into SQLite moments later.** The writer thread reads the log behind the appender and
 //!   inserts its records into `journal.db` (row id = the record's sequence number), in
-//!   transactions as large as the backlog. Most are committed without a sync
-//!   (`synchronous=NORMAL`: visible at once, on disk with the next synced commit); one is
-//!   synced at least every second, before a log segment is reused, at shutdown, and whenever
-//!   it carries other changes. A log segment is reused only once every record in it is
-//!   committed and synced there, so a power cut cannot lose what `journal.db` had not
-//!   synced yet: the log still has it. Readers of `journal.db` (the
+//!   transactions as large as the backlog, committed with `synchronous=FULL`. A log segment
+//!   is reused once every record in it is committed there. Readers of `journal.db` (the
 //!   pipeline, the operator API) see a message a few milliseconds after its ACK.
 //! - **Duplicates.** An accepted message whose sender (MSH-3, MSH-4), MSH-10 and content
 //!   hash match a non-refused message received inside the duplicate window is not stored

@@ -16,10 +16,6 @@ use super::{Error, NewEntry, Notify, Shared, State, MAX_SPARES};
 const MAX_READ_BYTES: u64 = 32 << 20;
 /// Longest a logged message waits to be copied into `journal.db` while the log has room.
 const COPY_INTERVAL: Duration = Duration::from_millis(20);
-/// Longest the copies into `journal.db` go without a synced commit. Copies in between are
-/// committed with `synchronous=NORMAL`: visible at once, on disk at the next synced commit,
-/// and until then still in the log, which is not reused before.
-const SYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause before retrying after `journal.db` refused a transaction.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -30,20 +26,7 @@ pub(super) fn spawn(
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("journal-writer".to_string())
-        .spawn(move || {
-            // Everything up to here (the recovery's copy) was committed with synchronous=FULL.
-            let synced = shared.applied.load(Ordering::Acquire);
-            let writer = Writer {
-                connection,
-                shared,
-                committed,
-                cursor: None,
-                staging: log::Aligned::default(),
-                synced,
-                last_sync: Instant::now(),
-            };
-            writer.run()
-        })
+        .spawn(move || Writer { connection, shared, committed, cursor: None, staging: log::Aligned::default() }.run())
         .expect("spawning a thread fails only when the OS is out of resources at startup")
 }
 
@@ -71,10 +54,6 @@ struct Writer {
     cursor: Option<Cursor>,
     /// Read buffer for the log (direct I/O needs it aligned).
     staging: log::Aligned,
-    /// Highest sequence number that `journal.db` holds on disk (committed and synced), not
-    /// only committed: a log segment is reused only once every record in it is this far.
-    synced: i64,
-    last_sync: Instant,
 }
 
 type Changes = Vec<(super::Change, tokio::sync::oneshot::Sender<Result<(), Error>>)>;
@@ -83,7 +62,7 @@ impl Writer {
     fn run(mut self) {
         let mut last_copy = Instant::now();
         loop {
-            let ((plan, reached), changes, duplicates, sync) = {
+            let ((plan, reached), changes, duplicates) = {
                 let mut state = self.shared.lock();
                 loop {
                     // Changes wait for nobody (the pipeline blocks on them); the log is
@@ -109,16 +88,10 @@ impl Writer {
                 if state.closed && !self.shared.copy_due() && state.changes.is_empty() && state.duplicates.is_empty() {
                     break;
                 }
-                // A synced commit when a segment waits to be reused, when changes wait (the
-                // pipeline's outcomes are not in the log), at shutdown, and every SYNC_INTERVAL.
-                let sync = state.live.len() > 1
-                    || !state.changes.is_empty()
-                    || state.closed
-                    || self.last_sync.elapsed() >= SYNC_INTERVAL;
-                (self.plan(&state), std::mem::take(&mut state.changes), std::mem::take(&mut state.duplicates), sync)
+                (self.plan(&state), std::mem::take(&mut state.changes), std::mem::take(&mut state.duplicates))
             };
             last_copy = Instant::now();
-            if let Err(error) = self.copy(plan, reached, changes, &duplicates, sync) {
+            if let Err(error) = self.copy(plan, reached, changes, &duplicates) {
                 self.shared.copying.store(false, Ordering::Relaxed);
                 if self.shared.lock().closed {
                     // Shutting down: the records stay in the log, and the next start copies
@@ -167,16 +140,7 @@ impl Writer {
 
     /// Reads `plan`, commits its records, the duplicate counts and `changes` in one
     /// transaction, then moves the cursor and frees the segments it left behind.
-    /// The commit is synced when `sync` is true; otherwise it is on disk with the next
-    /// synced one (the records stay in the log until then).
-    fn copy(
-        &mut self,
-        plan: Vec<Stretch>,
-        reached: i64,
-        changes: Changes,
-        duplicates: &[i64],
-        sync: bool,
-    ) -> Result<(), String> {
+    fn copy(&mut self, plan: Vec<Stretch>, reached: i64, changes: Changes, duplicates: &[i64]) -> Result<(), String> {
         let mut records = Vec::new();
         let mut cursor = None;
         for stretch in plan {
@@ -189,12 +153,6 @@ impl Writer {
             }
             // Past the unreadable part, so that the writer does not stop on it.
             cursor = Some(Cursor { path: stretch.path, offset: stretch.to, next_seq: scanned.next_seq });
-        }
-        // A commit in WAL mode with synchronous=FULL syncs the WAL, and with it every earlier
-        // unsynced commit; with NORMAL it only writes it (the OS has it; a power cut may not).
-        let mode = if sync { "FULL" } else { "NORMAL" };
-        if let Err(error) = self.connection.pragma_update(None, "synchronous", mode) {
-            return Err(error.to_string());
         }
         let outcome = write(&mut self.connection, &records, duplicates, changes);
         let (applied, replies) = match outcome {
@@ -210,10 +168,6 @@ impl Writer {
             // `reached`, not the last record read: an unreadable stretch is passed over
             // rather than waited for.
             self.shared.applied.fetch_max(reached, Ordering::AcqRel);
-            if sync {
-                self.synced = self.shared.applied.load(Ordering::Acquire);
-                self.last_sync = Instant::now();
-            }
             self.recycle(&mut state);
         }
         self.shared.changed.notify_all();
@@ -227,13 +181,12 @@ impl Writer {
         Ok(())
     }
 
-    /// Retires the segments before the cursor's, all of whose records are committed and synced
-    /// in `journal.db`.
+    /// Retires the segments before the cursor's, all of whose records are committed.
     fn recycle(&self, state: &mut State) {
         while state.live.len() > 1 {
             let Some(front) = state.live.front() else { break };
             let behind = self.cursor.as_ref().is_some_and(|cursor| cursor.path != front.path);
-            if !behind || front.last_seq > self.synced {
+            if !behind || front.last_seq > self.shared.applied.load(Ordering::Acquire) {
                 break;
             }
             let Some(done) = state.live.pop_front() else { break };
