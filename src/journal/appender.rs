@@ -123,6 +123,8 @@ pub(super) struct Appender {
     pruned_through: i64,
     /// The records of the commit being built.
     buffer: Vec<u8>,
+    /// Appends in the last batch written.
+    last_batch: usize,
     /// The same, block-aligned in memory for the direct write.
     staging: log::Aligned,
 }
@@ -138,12 +140,23 @@ impl Appender {
             pruned_through: next_seq - 1,
             buffer: Vec::with_capacity(1 << 20),
             staging: log::Aligned::default(),
+            last_batch: 0,
         }
     }
 
-    /// Bytes left in the active segment when a commit can go there without waiting for
-    /// anything but its own write: no segment to open, rotate or zero-fill.
+    /// Bytes left in the active segment when a caller may write the next commit itself: the
+    /// last commit carried a single append (one connection at a time: the caller's write is
+    /// the whole group), and the commit needs no segment opened, rotated or zero-filled.
+    ///
+    /// While commits carry several appends, connections arrive close together, and a caller
+    /// that wrote at once would write alone and hold the others back for a whole sync; the
+    /// appender thread, woken instead, takes everything that queued meanwhile. Measured with
+    /// 8 connections: callers writing whenever the log was free averaged 2.3 appends per
+    /// write.
     fn inline_room(&self) -> Option<u64> {
+        if self.last_batch > 1 {
+            return None;
+        }
         self.active.as_ref().map(|active| active.size - active.offset)
     }
 }
@@ -321,6 +334,7 @@ pub(super) fn spawn(
 
 impl Appender {
     fn write_batch(&mut self, batch: &mut Vec<Request>) {
+        self.last_batch = batch.len();
         let applied_seq = self.shared.applied.load(Ordering::Acquire);
         self.unapplied.prune(applied_seq);
         self.pruned_through = self.pruned_through.max(applied_seq);
@@ -550,26 +564,42 @@ mod tests {
     }
 
     #[test]
-    fn a_waiting_caller_writes_the_log_itself_while_it_is_free() {
+    fn a_waiting_caller_writes_the_log_itself_while_one_connection_is_sending() {
         let directory = tempfile::tempdir().unwrap();
         let (committer, shared) = committer_without_thread(directory.path());
         let mut first = queue(&committer, entry("A", "APP", 100));
-        let mut second = queue(&committer, entry("B", "APP", 100));
         committer.lead();
         assert!(matches!(first.try_recv(), Ok(Ok(Appended::Stored { id: 1 }))), "answered on this thread");
-        assert!(matches!(second.try_recv(), Ok(Ok(Appended::Stored { id: 2 }))), "in the same commit");
-        assert_eq!(shared.durable.load(Ordering::Acquire), 2);
+        assert_eq!(shared.durable.load(Ordering::Acquire), 1);
 
-        // A message larger than the room left needs a new segment: that is the thread's job.
+        let mut second = queue(&committer, entry("B", "APP", 100));
+        let mut third = queue(&committer, entry("C", "APP", 100));
+        committer.lead();
+        assert!(matches!(second.try_recv(), Ok(Ok(Appended::Stored { id: 2 }))));
+        assert!(matches!(third.try_recv(), Ok(Ok(Appended::Stored { id: 3 }))), "in the same commit");
+
+        // That commit carried two appends: connections are arriving together, and the next
+        // group is the appender thread's to gather.
+        let mut fourth = queue(&committer, entry("D", "APP", 100));
+        committer.lead();
+        assert!(fourth.try_recv().is_err(), "not answered by the caller");
+        assert_eq!(committer.waiting().requests.len(), 1, "left in the queue for the appender thread");
+        committer.stop();
+        assert!(matches!(fourth.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed)));
+        assert!(!committer.is_running());
+    }
+
+    #[test]
+    fn a_commit_that_needs_a_new_segment_is_left_to_the_appender_thread() {
+        let directory = tempfile::tempdir().unwrap();
+        let (committer, shared) = committer_without_thread(directory.path());
         let mut large = entry("C", "APP", 100);
         large.raw = bytes::Bytes::from(vec![b'x'; SEGMENT_BYTES as usize]);
         let mut waiting = queue(&committer, large);
         committer.lead();
         assert!(waiting.try_recv().is_err(), "not answered by the caller");
-        assert_eq!(committer.waiting().requests.len(), 1, "left in the queue for the appender thread");
-        committer.stop();
-        assert!(matches!(waiting.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Closed)));
-        assert!(!committer.is_running());
+        assert_eq!(committer.waiting().requests.len(), 1);
+        assert_eq!(shared.durable.load(Ordering::Acquire), 0, "nothing written");
     }
 
     #[test]
