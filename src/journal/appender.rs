@@ -123,10 +123,10 @@ pub(super) struct Appender {
     pruned_through: i64,
     /// The records of the commit being built.
     buffer: Vec<u8>,
-    /// Appends in the last batch written.
-    last_batch: usize,
     /// The same, block-aligned in memory for the direct write.
     staging: log::Aligned,
+    /// Appends in the last batch written.
+    last_batch: usize,
 }
 
 impl Appender {
@@ -172,13 +172,14 @@ struct Waiting {
 /// Group commit without a hand-off on the quiet path.
 ///
 /// A caller queues its append, then, when it waits for the answer, tries to take the
-/// appender itself: if nobody is writing and the active segment has room, it writes every
-/// queued append (its own and others') in one synced write on its own thread, and finds its
-/// answer ready. One connection sending one message at a time thus never waits for another
-/// thread to wake up, which cost about a third of its round trip. When someone is already
-/// writing, or the commit needs a new segment (which may mean waiting for the writer or
-/// zero-filling a file), the appender thread is woken and takes whatever is queued once the
-/// current write is done, so that concurrent connections share each sync.
+/// appender itself: if nobody is writing, the last commit carried a single append and the
+/// active segment has room (see `Appender::inline_room`), it writes every queued append
+/// (its own and any others') in one synced write on its own thread, and finds its answer
+/// ready. One connection sending one message at a time thus never waits for another thread
+/// to wake up. When someone is already writing, connections are arriving together, or the
+/// commit needs a new segment (which may mean waiting for the writer or zero-filling a
+/// file), the appender thread is woken and takes whatever is queued once the current write
+/// is done, so that concurrent connections share each sync.
 pub(super) struct Committer {
     waiting: Mutex<Waiting>,
     /// Wakes the appender thread.
@@ -214,11 +215,12 @@ impl Committer {
 
     /// Queues an append. It is written by the next [`Committer::lead`], or by the thread.
     pub(super) fn push(&self, request: Request) {
-        if self.stopped.load(Ordering::Acquire) {
-            // Dropping the request answers its caller with `Closed`.
-            return;
+        let mut waiting = self.waiting();
+        // Checked under the queue's lock, which `stop` takes too: nothing is queued after
+        // the thread's last look. Dropping the request answers its caller with `Closed`.
+        if !self.stopped.load(Ordering::Acquire) {
+            waiting.requests.push_back(request);
         }
-        self.waiting().requests.push_back(request);
     }
 
     /// Writes what is queued on the caller's thread when the appender is free and the
@@ -298,9 +300,13 @@ impl Committer {
 
     /// After the thread stopped: refuse what is queued and what comes.
     fn stop(&self) {
-        self.stopped.store(true, Ordering::Release);
         self.slots.close();
-        let refused = std::mem::take(&mut self.waiting().requests);
+        let refused = {
+            let mut waiting = self.waiting();
+            self.stopped.store(true, Ordering::Release);
+            std::mem::take(&mut waiting.requests)
+        };
+        // Answered (with `Closed`) outside the lock.
         drop(refused);
     }
 }

@@ -172,8 +172,8 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Waits until the append is durable (or found to be a duplicate). When nobody is
-    /// writing the log, the caller writes it (see [`appender::Committer`]): this may block
+    /// Waits until the append is durable (or found to be a duplicate). When the log is free
+    /// and one connection is sending, the caller writes it (see [`appender::Committer`]): this may block
     /// the calling thread for one synced write, about as long as an async task may run
     /// between two awaits.
     pub async fn wait(mut self) -> Result<Appended, Error> {
