@@ -6,7 +6,8 @@
 //! several WAL frames (the table's page, each index's page, the header page when the file
 //! grows) and syncs them: about 270 µs on the reference machine. One aligned write of a few
 //! KiB into an already allocated file, opened with `O_DSYNC` so that the write returns once
-//! the data is on disk, takes 120–140 µs. So the ACK path appends each group of messages to
+//! the data is on disk (and `O_DIRECT`, see [`open_for_append`]), takes 120–150 µs. So the
+//! ACK path appends each group of messages to
 //! this log with one such write, and answers; the journal's writer
 //! thread copies the records into `journal.db` moments later, in larger transactions.
 //!
