@@ -348,11 +348,12 @@ impl Appender {
         let first_seq = self.next_seq;
         let mut outcomes: Vec<Result<Appended, Error>> = Vec::with_capacity(batch.len());
         let mut duplicates = Vec::new();
+        let mut noted = Vec::with_capacity(batch.len());
         for request in batch.iter_mut() {
             let entry = &request.entry;
             let content_hash = request.content_hash;
             if entry.status == Status::Accepted && entry.duplicate_window_us > 0 {
-                match self.find_duplicate(entry, &content_hash, request.checked.take()) {
+                match self.find_duplicate(entry, &content_hash, request.key_hash, request.checked.take()) {
                     Ok(Some(duplicate)) => {
                         if let Appended::Duplicate { original_id, .. } = &duplicate {
                             duplicates.push(*original_id);
@@ -371,7 +372,17 @@ impl Appender {
             self.next_seq += 1;
             log::encode(seq, entry, &content_hash, &mut self.buffer);
             self.unapplied.insert(seq, entry, content_hash);
+            if entry.status == Status::Accepted {
+                // Noted before the write: should it fail, the note only costs a lookup.
+                noted.push((entry.received_at_us, request.key_hash, entry.duplicate_window_us));
+            }
             outcomes.push(Ok(Appended::Stored { id: seq }));
+        }
+        if !noted.is_empty() {
+            let mut recent = self.shared.recent();
+            for (received_at_us, key_hash, window_us) in noted {
+                recent.insert(received_at_us, key_hash, window_us);
+            }
         }
         let last_seq = self.next_seq - 1;
         let written = if last_seq >= first_seq { self.commit(first_seq, last_seq) } else { Ok(()) };
@@ -403,15 +414,17 @@ impl Appender {
     }
 
     /// The earliest earlier message that `entry` repeats: among the records not yet in
-    /// `journal.db`, and in it. The caller's lookup in `journal.db` (`checked`) is used when
-    /// every record it could not see is still among the unapplied ones here; otherwise (a
-    /// commit pruned some in between, or it failed) the appender queries again. The
-    /// unapplied records are looked at first: a record that leaves them (its row committed)
-    /// before the query runs is found by the query.
+    /// `journal.db`, and in it. The caller's answer for `journal.db` (`checked`: from the
+    /// duplicate notes, or a query) is used when every record it could not see is still
+    /// among the unapplied ones here; otherwise (a commit pruned some in between, or it
+    /// failed) the appender asks the notes again, and queries when they cannot rule it out.
+    /// The unapplied records are looked at first: a record that leaves them (its row
+    /// committed) before the query runs is found by the query.
     fn find_duplicate(
         &self,
         entry: &NewEntry,
         content_hash: &[u8; 32],
+        key_hash: u64,
         checked: Option<super::Checked>,
     ) -> rusqlite::Result<Option<Appended>> {
         let not_before = entry.received_at_us.saturating_sub(entry.duplicate_window_us);
@@ -421,6 +434,8 @@ impl Appender {
             .map(|record| (record.seq, record.ack.clone(), record.ack_code.clone()));
         let stored = match checked {
             Some(checked) if checked.through >= self.pruned_through => checked.found,
+            // Every record in journal.db was noted when it was logged (or loaded at start).
+            _ if !self.shared.recent().may_contain(key_hash, not_before) => None,
             _ => super::writer::find_duplicate(&self.reader, entry, content_hash)?,
         };
         if let Some(row) = stored {
@@ -552,6 +567,7 @@ mod tests {
             copying: AtomicBool::new(true),
             stored: Default::default(),
             readers: Mutex::new(Vec::new()),
+            recent: Mutex::new(super::super::recent::RecentKeys::complete(100)),
             database: database.clone(),
             state: Mutex::new(super::super::State { next_number: 1, ..Default::default() }),
             changed: Condvar::new(),
@@ -565,7 +581,14 @@ mod tests {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let content_hash = [7; 32];
         let slot = committer.slots.clone().try_acquire_owned().unwrap();
-        committer.push(Request { entry: Box::new(entry), content_hash, checked: None, reply, _slot: slot });
+        committer.push(Request {
+            entry: Box::new(entry),
+            content_hash,
+            key_hash: 0,
+            checked: None,
+            reply,
+            _slot: slot,
+        });
         answer
     }
 

@@ -40,6 +40,7 @@
 
 mod appender;
 pub mod log;
+mod recent;
 mod writer;
 
 use std::collections::VecDeque;
@@ -204,6 +205,8 @@ struct Request {
     entry: Box<NewEntry>,
     /// SHA-256 of the raw bytes.
     content_hash: [u8; 32],
+    /// [`recent::key_hash`] of its sender and MSH-10.
+    key_hash: u64,
     /// The duplicate lookup in `journal.db` done by the caller, when one was due.
     checked: Option<Checked>,
     reply: oneshot::Sender<Result<Appended, Error>>,
@@ -265,6 +268,9 @@ struct Shared {
     stored: AtomicU64,
     /// Read connections to `journal.db` for the callers' duplicate lookups.
     readers: Mutex<Vec<rusqlite::Connection>>,
+    /// The accepted messages of the duplicate window, by sender and MSH-10: a message
+    /// absent from it is looked up nowhere else.
+    recent: Mutex<recent::RecentKeys>,
     /// The journal database file.
     database: PathBuf,
     state: Mutex<State>,
@@ -286,6 +292,11 @@ impl Shared {
 
     fn wait<'a>(&self, guard: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
         self.changed.wait(guard).unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn recent(&self) -> MutexGuard<'_, recent::RecentKeys> {
+        // Every update is complete before the next can panic (a push, a count, a pop).
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -334,6 +345,7 @@ impl Journal {
         let directory = log_directory(path);
         let lock = writer::lock(&directory)?;
         let (applied_seq, next_number, spares) = writer::recover(&mut connection, &directory)?;
+        let (recent, left_out) = recent::load(&connection, recent::MAX_NOTED).map_err(sqlite)?;
         // The appender's own connection, for the duplicate lookups that the callers' came too
         // early for.
         let reader = crate::db::open_journal(path)?;
@@ -345,10 +357,14 @@ impl Journal {
             copying: AtomicBool::new(true),
             stored: AtomicU64::new(0),
             readers: Mutex::new(Vec::new()),
+            recent: Mutex::new(recent),
             database: path.to_path_buf(),
             state: Mutex::new(State { spares, next_number, ..State::default() }),
             changed: Condvar::new(),
         });
+        if let Some(last_id) = left_out {
+            recent::spawn_scan(shared.clone(), last_id);
+        }
         let writer = writer::spawn(connection, shared.clone(), committed);
         let committer = appender::Committer::new(appender::Appender::new(reader, shared.clone(), applied_seq + 1));
         let appender = appender::spawn(committer.clone(), shared.clone(), writer, lock);
@@ -385,13 +401,21 @@ impl Journal {
         let slot = committer.reserve().await?;
         let (reply, answer) = oneshot::channel();
         let content_hash: [u8; 32] = sha2::Sha256::digest(&entry.raw).into();
+        let key_hash = recent::key_hash(&entry.key);
         let checked = if entry.status == Status::Accepted && entry.duplicate_window_us > 0 {
-            // A failed lookup here is not an answer: the appender looks again.
-            self.check_duplicate(&entry, &content_hash).ok()
+            // Read before the notes: every record up to it was noted when it was logged.
+            let through = self.shared.applied.load(Ordering::Acquire);
+            let not_before = entry.received_at_us.saturating_sub(entry.duplicate_window_us);
+            if self.shared.recent().may_contain(key_hash, not_before) {
+                // A failed lookup here is not an answer: the appender looks again.
+                self.check_duplicate(&entry, &content_hash).ok()
+            } else {
+                Some(Checked { through, found: None })
+            }
         } else {
             None
         };
-        committer.push(Request { entry: Box::new(entry), content_hash, checked, reply, _slot: slot });
+        committer.push(Request { entry: Box::new(entry), content_hash, key_hash, checked, reply, _slot: slot });
         Ok(Pending { answer, committer: committer.clone() })
     }
 

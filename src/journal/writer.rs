@@ -465,6 +465,26 @@ mod tests {
         assert_eq!((rows, duplicates), (3, 1));
     }
 
+    #[tokio::test]
+    async fn a_repeat_after_a_restart_is_found_through_the_notes_loaded_at_start() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        let Appended::Stored { id } = journal.append(entry("1", b"MSH|one", 1_000_000)).await.unwrap() else {
+            panic!("first append must store")
+        };
+        journal.append(entry("2", b"MSH|two", 1_000_001)).await.unwrap();
+        drop(journal);
+        thread.join().unwrap();
+
+        let (journal, thread) = Journal::open(&path).unwrap();
+        let repeated = journal.append(entry("1", b"MSH|one", 2_000_000)).await.unwrap();
+        assert!(matches!(repeated, Appended::Duplicate { original_id, .. } if original_id == id), "{repeated:?}");
+        assert!(matches!(journal.append(entry("3", b"MSH|one", 2_000_001)).await.unwrap(), Appended::Stored { .. }));
+        drop(journal);
+        thread.join().unwrap();
+    }
+
     #[test]
     fn changes_run_in_the_writers_transaction_and_a_failing_one_refuses_only_itself() {
         let directory = tempfile::tempdir().unwrap();
@@ -638,12 +658,14 @@ mod tests {
         let repeat = entry("1", b"MSH|one", 2_000_000);
         let content_hash: [u8; 32] =
             sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&repeat.raw)).into();
+        let key_hash = super::super::recent::key_hash(&repeat.key);
         let (reply, answer) = tokio::sync::oneshot::channel();
         let committer = &journal.handle.0;
         let slot = committer.reserve().await.unwrap();
         committer.push(super::super::Request {
             entry: Box::new(repeat),
             content_hash,
+            key_hash,
             checked: Some(stale),
             reply,
             _slot: slot,
