@@ -97,18 +97,30 @@ pub fn list(directory: &Path) -> io::Result<Vec<Found>> {
     Ok(found)
 }
 
+/// Zero-filling writes this much per synced write.
+const FILL_CHUNK: usize = 256 << 10;
+
 /// Creates segment `number` of `size` bytes, zero-filled and synced, and syncs the
 /// directory so that the file itself survives a power cut.
+///
+/// The zeros go in synced direct writes of [`FILL_CHUNK`] rather than through the page
+/// cache with one sync at the end: that sync flushed 16 MiB at once, and the ACK path's
+/// writes to the active segment waited behind it for 30 ms (measured); a chunk's flush
+/// holds them back a millisecond or two.
 pub fn create(directory: &Path, number: u64, size: u64) -> io::Result<PathBuf> {
     let path = segment_path(directory, number);
-    let file = File::options().read(true).write(true).create_new(true).open(&path)?;
-    let zeros = vec![0u8; 1 << 20];
+    File::options().read(true).write(true).create_new(true).open(&path)?;
+    let file = open_for_append(&path)?;
+    let mut staging = Aligned::default();
+    let zeros = staging.reserve(FILL_CHUNK)?;
+    zeros.fill(0);
     let mut written = 0;
     while written < size {
-        let chunk = (size - written).min(zeros.len() as u64) as usize;
+        let chunk = (size - written).min(FILL_CHUNK as u64) as usize;
         file.write_all_at(&zeros[..chunk], written)?;
         written += chunk as u64;
     }
+    // The file's size and blocks (the data is synced already).
     file.sync_all()?;
     File::open(directory)?.sync_all()?;
     Ok(path)

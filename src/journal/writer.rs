@@ -196,11 +196,17 @@ impl Writer {
         }
     }
 
-    /// Zero-fills a spare segment ahead of need, here rather than on the ACK path.
+    /// Zero-fills a spare segment ahead of need, here rather than on the ACK path, when
+    /// none is left and none is about to be retired.
     fn keep_a_spare(&self) {
         let number = {
             let mut state = self.shared.lock();
-            if !state.spares.is_empty() || state.closed {
+            // With exactly two segments live, the appender has just rotated and the older
+            // one is retired by the next copy or the one after: a spare made now would be
+            // one zero-fill too many. Under steady load it came at nearly every rotation,
+            // its writes holding back the ACK path's. More segments live means the writer
+            // is behind, and the appender's next rotation would find no spare.
+            if !state.spares.is_empty() || state.live.len() == 2 || state.closed {
                 return;
             }
             state.next_number += 1;
@@ -363,8 +369,9 @@ pub(super) fn recover(connection: &mut Connection, directory: &Path) -> Result<(
         retire(segment.path.clone(), &mut spares).map_err(|error| failed("cannot retire a segment", &error))?;
     }
     let mut next_number = segments.iter().map(|segment| segment.number + 1).max().unwrap_or(1);
-    if spares.is_empty() {
-        // The first append takes this one, so that it does not wait for a zero-fill.
+    while spares.len() < MAX_SPARES {
+        // The first append takes one and the first rotation the other, so that neither
+        // waits for a zero-fill, nor the ACK path for the writer making one.
         spares.push(
             log::create(directory, next_number, SEGMENT_BYTES)
                 .map_err(|error| failed("cannot create a segment", &error))?,
@@ -624,6 +631,52 @@ mod tests {
         assert_eq!((rows, bytes), (count, count * (64 << 10)));
         let files = log::list(&super::super::log_directory(&path)).unwrap().len();
         assert!(files <= 4, "segments are reused, not accumulated: {files} files");
+    }
+
+    #[test]
+    fn opening_prepares_the_spares_and_the_writer_makes_one_only_when_none_is_coming() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let log_directory = super::super::log_directory(&path);
+        let (journal, thread) = Journal::open(&path).unwrap();
+        assert_eq!(journal.shared.lock().spares.len(), MAX_SPARES, "zero-filled before the first message");
+        drop(journal);
+        thread.join().unwrap();
+
+        let shared = Arc::new(Shared {
+            directory: log_directory.clone(),
+            applied: Default::default(),
+            durable: Default::default(),
+            logging: Default::default(),
+            copying: Default::default(),
+            stored: Default::default(),
+            readers: Default::default(),
+            recent: std::sync::Mutex::new(super::super::recent::RecentKeys::complete(1)),
+            database: path.clone(),
+            state: std::sync::Mutex::new(State { next_number: 100, ..State::default() }),
+            changed: Default::default(),
+        });
+        let writer = Writer {
+            connection: crate::db::open_journal(&path).unwrap(),
+            shared: shared.clone(),
+            committed: None,
+            cursor: None,
+            staging: log::Aligned::default(),
+        };
+        let live = |number: u64| super::super::Live {
+            path: log_directory.join(format!("{number}")),
+            first_seq: 1,
+            end: BLOCK,
+            last_seq: 0,
+        };
+        shared.lock().live.extend([live(1), live(2)]);
+        writer.keep_a_spare();
+        assert!(shared.lock().spares.is_empty(), "just rotated: the older segment becomes the spare");
+        shared.lock().live.push_back(live(3));
+        writer.keep_a_spare();
+        let spares = shared.lock().spares.clone();
+        assert_eq!(spares.len(), 1, "behind: the next rotation needs one");
+        assert_eq!(std::fs::metadata(&spares[0]).unwrap().len(), SEGMENT_BYTES);
     }
 
     #[test]
