@@ -24,7 +24,9 @@
 //! - **Duplicates.** An accepted message whose sender (MSH-3, MSH-4), MSH-10 and content
 //!   hash match a non-refused message received inside the duplicate window is not stored
 //!   again: the original's ACK is returned and its duplicate counter incremented. The
-//!   appender looks in `journal.db` and among the logged records not yet copied there.
+//!   appender looks among the logged records not yet copied into `journal.db`, and in
+//!   `journal.db` only when the duplicate notes (`recent`: every accepted message of the
+//!   window, by sender and MSH-10, in memory) cannot rule a repeat out.
 //! - **Bounded.** The queue of appends holds at most [`QUEUE_CAPACITY`] requests, and
 //!   the log at most [`MAX_LIVE_SEGMENTS`] segments that the writer has not finished;
 //!   callers wait when either is full (back-pressure reaches the sender as a slower ACK).
@@ -419,8 +421,9 @@ impl Journal {
         Ok(Pending { answer, committer: committer.clone() })
     }
 
-    /// Looks for an earlier copy of `entry` in `journal.db` (an indexed read of a few
-    /// microseconds, from the page cache).
+    /// Looks for an earlier copy of `entry` in `journal.db` (an indexed read from the page
+    /// cache, but with two file locks and, after each writer commit, pages read again),
+    /// when the duplicate notes have seen its sender and MSH-10.
     fn check_duplicate(&self, entry: &NewEntry, content_hash: &[u8; 32]) -> Result<Checked, Error> {
         let through = self.shared.applied.load(Ordering::Acquire);
         let pooled = self.shared.readers.lock().unwrap_or_else(PoisonError::into_inner).pop();
