@@ -633,6 +633,57 @@ mod tests {
         assert!(files <= 4, "segments are reused, not accumulated: {files} files");
     }
 
+    /// Shared state for `journal.db` at `path` with no threads running.
+    fn bare_shared(path: &Path, next_number: u64) -> Arc<Shared> {
+        Arc::new(Shared {
+            directory: super::super::log_directory(path),
+            applied: Default::default(),
+            durable: Default::default(),
+            logging: Default::default(),
+            copying: Default::default(),
+            stored: Default::default(),
+            readers: Default::default(),
+            recent: std::sync::Mutex::new(super::super::recent::RecentKeys::complete(1)),
+            database: path.to_path_buf(),
+            state: std::sync::Mutex::new(State { next_number, ..State::default() }),
+            changed: Default::default(),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_scan_of_rows_left_out_at_start_lets_the_notes_cover_the_window() {
+        use super::super::recent;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        for (index, raw) in [b"MSH|one", b"MSH|two", b"MSH|thr"].into_iter().enumerate() {
+            journal.append(entry(&index.to_string(), raw, 1_000_000 + index as i64)).await.unwrap();
+        }
+        drop(journal);
+        thread.join().unwrap();
+
+        // As if the journal were larger than the notes' bound: only the newest row loads.
+        let (loaded, left_out) = recent::load(&crate::db::open_journal(&path).unwrap(), 1).unwrap();
+        assert_eq!(left_out, Some(2));
+        let shared = bare_shared(&path, 1);
+        *shared.recent() = loaded;
+        let unseen = recent::key_hash(&MessageKey {
+            sending_application: "APP".to_string(),
+            sending_facility: "FAC".to_string(),
+            control_id: "9".to_string(),
+            ..MessageKey::default()
+        });
+        assert!(shared.recent().may_contain(unseen, 1_500_000), "looked up until the scan is done");
+        recent::spawn_scan(shared.clone(), 2);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared.recent().may_contain(unseen, 1_500_000) {
+            assert!(Instant::now() < deadline, "the scan did not finish");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(shared.recent().may_contain(unseen, 1_000_001), "row 2 was received then: not covered");
+        assert!(!shared.recent().may_contain(unseen, 1_000_002));
+    }
+
     #[test]
     fn opening_prepares_the_spares_and_the_writer_makes_one_only_when_none_is_coming() {
         let directory = tempfile::tempdir().unwrap();
@@ -643,19 +694,7 @@ mod tests {
         drop(journal);
         thread.join().unwrap();
 
-        let shared = Arc::new(Shared {
-            directory: log_directory.clone(),
-            applied: Default::default(),
-            durable: Default::default(),
-            logging: Default::default(),
-            copying: Default::default(),
-            stored: Default::default(),
-            readers: Default::default(),
-            recent: std::sync::Mutex::new(super::super::recent::RecentKeys::complete(1)),
-            database: path.clone(),
-            state: std::sync::Mutex::new(State { next_number: 100, ..State::default() }),
-            changed: Default::default(),
-        });
+        let shared = bare_shared(&path, 100);
         let writer = Writer {
             connection: crate::db::open_journal(&path).unwrap(),
             shared: shared.clone(),
