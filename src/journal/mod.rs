@@ -347,7 +347,12 @@ impl Journal {
         let directory = log_directory(path);
         let lock = writer::lock(&directory)?;
         let (applied_seq, next_number, spares) = writer::recover(&mut connection, &directory)?;
-        let (recent, left_out) = recent::load(&connection, recent::MAX_NOTED).map_err(sqlite)?;
+        // The rows already in journal.db are noted by a thread of their own (see `recent`).
+        let recent = if applied_seq > 0 {
+            recent::RecentKeys::covering_nothing(recent::MAX_NOTED)
+        } else {
+            recent::RecentKeys::complete(recent::MAX_NOTED)
+        };
         // The appender's own connection, for the duplicate lookups that the callers' came too
         // early for.
         let reader = crate::db::open_journal(path)?;
@@ -364,8 +369,8 @@ impl Journal {
             state: Mutex::new(State { spares, next_number, ..State::default() }),
             changed: Condvar::new(),
         });
-        if let Some(last_id) = left_out {
-            recent::spawn_scan(shared.clone(), last_id);
+        if applied_seq > 0 {
+            recent::spawn_load(shared.clone(), applied_seq, recent::MAX_NOTED);
         }
         let writer = writer::spawn(connection, shared.clone(), committed);
         let committer = appender::Committer::new(appender::Appender::new(reader, shared.clone(), applied_seq + 1));

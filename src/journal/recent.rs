@@ -10,9 +10,13 @@
 //!
 //! The notes are bounded: at most [`MAX_NOTED`] messages (about 32 bytes each). Past that,
 //! the oldest are forgotten and the notes cover less than the window: a message whose window
-//! reaches further back is looked up in `journal.db` when its hash is absent. The same
-//! happens after a restart with a large journal, until the `journal-index` thread has found
-//! when the rows older than the ones loaded were received (one scan of the table).
+//! reaches further back is looked up in `journal.db` when its hash is absent.
+//!
+//! At start the rows already in `journal.db` are read by the `journal-index` thread, not on
+//! the way to listening (the newest million rows of a large journal are a gigabyte or more
+//! of pages): until it is done the notes cover nothing and every accepted message is looked
+//! up, as before they existed. It loads the newest rows, up to the bound, and when older rows
+//! were left out, scans them once for the latest time one of them was received.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -33,6 +37,9 @@ pub fn key_hash(key: &MessageKey) -> u64 {
     hasher.finish()
 }
 
+/// A noted message: its receive time (µs) and key hash.
+type Note = (i64, u64);
+
 /// Accepted messages of the duplicate window, by key hash.
 #[derive(Debug)]
 pub struct RecentKeys {
@@ -40,7 +47,7 @@ pub struct RecentKeys {
     counts: HashMap<u64, u32>,
     /// (receive time in µs, key hash), oldest first (in log order: receive times may
     /// step back a little between connections, or with the clock).
-    order: VecDeque<(i64, u64)>,
+    order: VecDeque<Note>,
     /// The rows of `journal.db` not loaded at start were all received before this time
     /// (µs): `i64::MIN` when every row was loaded, `i64::MAX` until the scan has told.
     unloaded_before: i64,
@@ -65,8 +72,8 @@ impl RecentKeys {
         }
     }
 
-    /// Notes that cover nothing yet, because older rows were left out at start: misses are
-    /// looked up until [`RecentKeys::unloaded_rows_received_before`] is told.
+    /// Notes that cover nothing yet, because the rows already in `journal.db` are still to
+    /// be loaded: misses are looked up until [`RecentKeys::adopt`].
     pub fn covering_nothing(capacity: usize) -> RecentKeys {
         RecentKeys { unloaded_before: i64::MAX, ..RecentKeys::complete(capacity) }
     }
@@ -88,10 +95,18 @@ impl RecentKeys {
         self.unloaded_before.max(self.dropped_before) > not_before || self.counts.contains_key(&hash)
     }
 
-    /// The rows left out at start were all received before `before` (found by
-    /// [`older_rows_received_before`]).
-    pub fn unloaded_rows_received_before(&mut self, before: i64) {
-        self.unloaded_before = before;
+    /// Takes the notes of the rows that were in `journal.db` at start, oldest first (all of
+    /// them logged before anything noted since), and the time before which the rows not
+    /// loaded were all received (`i64::MIN` when none was left out).
+    pub fn adopt(&mut self, older: Vec<Note>, unloaded_before: i64) {
+        for (received_at_us, hash) in older.into_iter().rev() {
+            self.order.push_front((received_at_us, hash));
+            *self.counts.entry(hash).or_default() += 1;
+        }
+        while self.order.len() > self.capacity {
+            self.forget_oldest();
+        }
+        self.unloaded_before = unloaded_before;
     }
 
     #[cfg(test)]
@@ -119,16 +134,18 @@ impl RecentKeys {
     }
 }
 
-/// Loads the notes for the accepted rows of `journal.db`, newest first, at most `capacity`.
-/// Returns them and, when older rows were left out, the id of the newest row left out: the
-/// notes cover nothing until [`older_rows_received_before`] has scanned those and
-/// [`RecentKeys::unloaded_rows_received_before`] is told.
-pub fn load(connection: &rusqlite::Connection, capacity: usize) -> rusqlite::Result<(RecentKeys, Option<i64>)> {
+/// Notes for the accepted rows of `journal.db` up to `last_id`, the newest `capacity` of
+/// them, oldest first; and, when older rows were left out, the id of the newest left out.
+pub fn load(
+    connection: &rusqlite::Connection,
+    last_id: i64,
+    capacity: usize,
+) -> rusqlite::Result<(Vec<Note>, Option<i64>)> {
     let mut statement = connection.prepare(
         "SELECT id, received_at_us, sending_application, sending_facility, control_id FROM messages
-         WHERE status <> 'refused' ORDER BY id DESC LIMIT ?1",
+         WHERE id <= ?1 AND status <> 'refused' ORDER BY id DESC LIMIT ?2",
     )?;
-    let mut rows = statement.query([capacity as i64 + 1])?;
+    let mut rows = statement.query([last_id, capacity as i64 + 1])?;
     let mut loaded = Vec::new();
     let mut left_out = None;
     while let Some(row) = rows.next()? {
@@ -144,14 +161,8 @@ pub fn load(connection: &rusqlite::Connection, capacity: usize) -> rusqlite::Res
         };
         loaded.push((row.get::<_, i64>(1)?, key_hash(&key)));
     }
-    let mut recent =
-        if left_out.is_some() { RecentKeys::covering_nothing(capacity) } else { RecentKeys::complete(capacity) };
-    for (received_at_us, hash) in loaded.into_iter().rev() {
-        // No window yet: nothing is pruned while loading.
-        recent.order.push_back((received_at_us, hash));
-        *recent.counts.entry(hash).or_default() += 1;
-    }
-    Ok((recent, left_out))
+    loaded.reverse();
+    Ok((loaded, left_out))
 }
 
 /// The latest receive time of the rows up to `last_id` (those not loaded), plus one: from
@@ -165,25 +176,35 @@ pub fn older_rows_received_before(connection: &rusqlite::Connection, last_id: i6
     Ok(latest.map_or(i64::MIN, |latest| latest.saturating_add(1)))
 }
 
-/// Scans the rows up to `last_id` (those not loaded) on a thread of its own, and lets the
-/// notes cover the time after them.
-pub(super) fn spawn_scan(shared: std::sync::Arc<super::Shared>, last_id: i64) {
-    let scan = move || {
+/// Loads the notes of the rows up to `last_id` (those in `journal.db` at start), at most
+/// `capacity`, on a thread of its own, and hands them to the live notes.
+pub(super) fn spawn_load(shared: std::sync::Arc<super::Shared>, last_id: i64, capacity: usize) {
+    let work = move || {
         let started = std::time::Instant::now();
-        let before = crate::db::open_journal(&shared.database)
-            .map_err(|error| error.to_string())
-            .and_then(|connection| older_rows_received_before(&connection, last_id).map_err(|error| error.to_string()));
-        match before {
-            Ok(before) => {
-                shared.recent().unloaded_rows_received_before(before);
-                tracing::info!(seconds = started.elapsed().as_secs_f64(), "duplicate notes cover the window");
+        let loaded =
+            crate::db::open_journal(&shared.database).map_err(|error| error.to_string()).and_then(|connection| {
+                let (older, left_out) = load(&connection, last_id, capacity).map_err(|error| error.to_string())?;
+                let before = match left_out {
+                    Some(newest_left_out) => {
+                        older_rows_received_before(&connection, newest_left_out).map_err(|error| error.to_string())?
+                    }
+                    None => i64::MIN,
+                };
+                Ok((older, before))
+            });
+        match loaded {
+            Ok((older, before)) => {
+                let rows = older.len();
+                shared.recent().adopt(older, before);
+                tracing::info!(rows, seconds = started.elapsed().as_secs_f64(), "duplicate notes loaded");
             }
-            // The notes then never cover the older rows: misses keep being looked up.
-            Err(error) => tracing::warn!(error = %error, "cannot scan journal.db for the duplicate notes"),
+            // The notes then never cover the rows from before the start: misses keep being
+            // looked up.
+            Err(error) => tracing::warn!(error = %error, "cannot load the duplicate notes from journal.db"),
         }
     };
-    if let Err(error) = std::thread::Builder::new().name("journal-index".to_string()).spawn(scan) {
-        tracing::warn!(error = %error, "cannot start the scan for the duplicate notes");
+    if let Err(error) = std::thread::Builder::new().name("journal-index".to_string()).spawn(work) {
+        tracing::warn!(error = %error, "cannot start loading the duplicate notes");
     }
 }
 
@@ -234,14 +255,16 @@ mod tests {
     }
 
     #[test]
-    fn notes_dropped_before_the_scan_still_narrow_coverage() {
-        let mut recent = RecentKeys::covering_nothing(1);
-        recent.insert(100, key("APP", "1"), 1_000);
-        recent.insert(200, key("APP", "2"), 1_000);
-        assert!(recent.may_contain(key("APP", "7"), 150), "nothing covered before the scan");
-        recent.unloaded_rows_received_before(50);
-        assert!(recent.may_contain(key("APP", "1"), 60), "its note was dropped at the bound");
-        assert!(!recent.may_contain(key("APP", "1"), 101));
+    fn notes_adopted_from_the_journal_come_before_the_live_ones_and_share_the_bound() {
+        let mut recent = RecentKeys::covering_nothing(2);
+        recent.insert(100, key("APP", "live"), 1_000);
+        assert!(recent.may_contain(key("APP", "7"), 50), "nothing covered before the load");
+        recent.adopt(vec![(40, key("APP", "1")), (60, key("APP", "2"))], 30);
+        assert_eq!(recent.len(), 2, "the oldest adopted note is dropped at the bound");
+        assert!(recent.may_contain(key("APP", "1"), 35), "dropped: not covered from before it");
+        assert!(!recent.may_contain(key("APP", "1"), 41));
+        assert!(recent.may_contain(key("APP", "2"), 41));
+        assert!(recent.may_contain(key("APP", "live"), 41));
     }
 
     #[test]
@@ -267,19 +290,21 @@ mod tests {
                     (4, 700, 'APP', 'FAC', '4', 'accepted'), (5, 800, 'APP', 'FAC', '5', 'accepted');",
             )
             .unwrap();
-        let (all, left_out) = load(&connection, 10).unwrap();
-        assert_eq!((all.len(), left_out), (4, None), "refused rows are never originals");
-        assert!(!all.may_contain(key("APP", "2"), i64::MIN));
-        assert!(all.may_contain(key("APP", "1"), i64::MIN));
+        let (all, left_out) = load(&connection, 5, 10).unwrap();
+        assert_eq!(all.iter().map(|(received_at_us, _)| *received_at_us).collect::<Vec<_>>(), [500, 450, 700, 800]);
+        assert_eq!(left_out, None, "refused rows are never originals");
+        let (up_to_four, _) = load(&connection, 4, 10).unwrap();
+        assert_eq!(up_to_four.len(), 3, "rows after the start are noted live, not loaded");
 
-        let (mut newest, left_out) = load(&connection, 2).unwrap();
+        let (newest, left_out) = load(&connection, 5, 2).unwrap();
         assert_eq!((newest.len(), left_out), (2, Some(3)));
-        assert!(newest.may_contain(key("APP", "9"), 1_000), "nothing covered before the scan");
-        let since = older_rows_received_before(&connection, 3).unwrap();
-        assert_eq!(since, 501, "row 1, not the refused row 2 nor row 3's earlier time");
-        newest.unloaded_rows_received_before(since);
-        assert!(!newest.may_contain(key("APP", "9"), 501));
-        assert!(newest.may_contain(key("APP", "9"), 500));
-        assert!(newest.may_contain(key("APP", "4"), 501));
+        let before = older_rows_received_before(&connection, 3).unwrap();
+        assert_eq!(before, 501, "row 1, not the refused row 2 nor row 3's earlier time");
+        let mut recent = RecentKeys::covering_nothing(10);
+        recent.adopt(newest, before);
+        assert!(!recent.may_contain(key("APP", "9"), 501));
+        assert!(recent.may_contain(key("APP", "9"), 500));
+        assert!(recent.may_contain(key("APP", "4"), 501));
+        assert!(!recent.may_contain(key("APP", "3"), 501), "row 3 was left out and is older than coverage");
     }
 }
