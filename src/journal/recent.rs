@@ -49,7 +49,8 @@ pub struct RecentKeys {
     /// step back a little between connections, or with the clock).
     order: VecDeque<Note>,
     /// The rows of `journal.db` not loaded at start were all received before this time
-    /// (µs): `i64::MIN` when every row was loaded, `i64::MAX` until the scan has told.
+    /// (µs): `i64::MIN` when every row was loaded, `i64::MAX` until the `journal-index`
+    /// thread's notes are adopted.
     unloaded_before: i64,
     /// Notes dropped (outside every window, or over the bound) were received before this.
     dropped_before: i64,
