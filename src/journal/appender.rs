@@ -559,19 +559,7 @@ mod tests {
         let log_directory = super::super::log_directory(&database);
         std::fs::create_dir_all(&log_directory).unwrap();
         crate::db::open_journal(&database).unwrap();
-        let shared = Arc::new(Shared {
-            directory: log_directory,
-            applied: Default::default(),
-            durable: Default::default(),
-            logging: AtomicBool::new(true),
-            copying: AtomicBool::new(true),
-            stored: Default::default(),
-            readers: Mutex::new(Vec::new()),
-            recent: Mutex::new(super::super::recent::RecentKeys::complete(100)),
-            database: database.clone(),
-            state: Mutex::new(super::super::State { next_number: 1, ..Default::default() }),
-            changed: Condvar::new(),
-        });
+        let shared = Shared::for_tests(&database, 1);
         let mut appender = Appender::new(crate::db::open_journal(&database).unwrap(), shared.clone(), 1);
         appender.rotate(1, BLOCK).unwrap();
         (Committer::new(appender), shared)

@@ -296,6 +296,25 @@ impl Shared {
         self.changed.wait(guard).unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Shared state for the journal at `database` with no thread running, segments to be
+    /// numbered from `next_number` and notes covering every time.
+    #[cfg(test)]
+    fn for_tests(database: &Path, next_number: u64) -> Arc<Shared> {
+        Arc::new(Shared {
+            directory: log_directory(database),
+            applied: AtomicI64::new(0),
+            durable: AtomicI64::new(0),
+            logging: AtomicBool::new(true),
+            copying: AtomicBool::new(true),
+            stored: AtomicU64::new(0),
+            readers: Mutex::new(Vec::new()),
+            recent: Mutex::new(recent::RecentKeys::complete(100)),
+            database: database.to_path_buf(),
+            state: Mutex::new(State { next_number, ..State::default() }),
+            changed: Condvar::new(),
+        })
+    }
+
     fn recent(&self) -> MutexGuard<'_, recent::RecentKeys> {
         // Every update is complete before the next can panic (a push, a count, a pop).
         self.recent.lock().unwrap_or_else(PoisonError::into_inner)

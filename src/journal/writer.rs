@@ -639,23 +639,6 @@ mod tests {
         assert!(files <= 4, "segments are reused, not accumulated: {files} files");
     }
 
-    /// Shared state for `journal.db` at `path` with no threads running.
-    fn bare_shared(path: &Path, next_number: u64) -> Arc<Shared> {
-        Arc::new(Shared {
-            directory: super::super::log_directory(path),
-            applied: Default::default(),
-            durable: Default::default(),
-            logging: Default::default(),
-            copying: Default::default(),
-            stored: Default::default(),
-            readers: Default::default(),
-            recent: std::sync::Mutex::new(super::super::recent::RecentKeys::complete(1)),
-            database: path.to_path_buf(),
-            state: std::sync::Mutex::new(State { next_number, ..State::default() }),
-            changed: Default::default(),
-        })
-    }
-
     #[tokio::test]
     async fn notes_load_in_the_background_and_cover_the_time_after_the_rows_left_out() {
         use super::super::recent;
@@ -669,7 +652,7 @@ mod tests {
         thread.join().unwrap();
 
         // As if the journal were larger than the notes' bound: only the newest row loads.
-        let shared = bare_shared(&path, 1);
+        let shared = Shared::for_tests(&path, 1);
         *shared.recent() = recent::RecentKeys::covering_nothing(1);
         let unseen = recent::key_hash(&MessageKey {
             sending_application: "APP".to_string(),
@@ -698,7 +681,7 @@ mod tests {
         drop(journal);
         thread.join().unwrap();
 
-        let shared = bare_shared(&path, 100);
+        let shared = Shared::for_tests(&path, 100);
         let writer = Writer {
             connection: crate::db::open_journal(&path).unwrap(),
             shared: shared.clone(),
