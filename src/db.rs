@@ -9,7 +9,9 @@
 //!
 //! Durability: WAL journal with `synchronous=FULL`, so every commit syncs the WAL to disk
 //! before it returns (with `fdatasync`: the bundled SQLite is built with `HAVE_FDATASYNC`, see
-//! `.cargo/config.toml`). A commit that returned survives power loss, not only a process crash. The
+//! `.cargo/config.toml`). A commit that returned survives power loss, not only a process crash.
+//! The journal's writer alone lowers its connection to `NORMAL`: its rows are in the synced
+//! ingest log until it syncs them itself (see `journal`). The
 //! on-disk format is versioned by `PRAGMA user_version`; [`MIGRATIONS`] and
 //! [`JOURNAL_MIGRATIONS`] are applied in order at open, each in its own transaction.
 

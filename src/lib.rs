@@ -24,6 +24,7 @@
 //! - [`http`]: health and metrics endpoints, HTTPS serving.
 //! - [`config`], [`setting`]: the YAML file, env overrides, validation.
 //! - [`telemetry`]: tracing set-up and every metric.
+//! - [`priority`]: the lower CPU priority of the threads behind the ACK path.
 //! - [`server`]: wiring and graceful shutdown.
 //! - [`commands`]: the `send`, `health`, `convert` and operator (`messages`) clients.
 #![deny(missing_docs)]
@@ -41,6 +42,7 @@ pub mod mapping;
 pub mod mllp;
 pub mod outbox;
 pub mod pipeline;
+pub mod priority;
 pub mod server;
 pub mod setting;
 pub mod store;

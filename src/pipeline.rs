@@ -258,7 +258,7 @@ impl Worker {
     }
 
     fn run(mut self) {
-        lower_priority();
+        crate::priority::lower(PRIORITY, "pipeline");
         let mut inbound = Inbound::new(self.journal.stored_count());
         while !self.stop.load(std::sync::atomic::Ordering::SeqCst) {
             self.metrics.journal_log_backlog.set(self.journal.log_backlog());
@@ -525,15 +525,6 @@ fn record(journal: &Connection, recorded: &[Recorded], now_us: i64) -> rusqlite:
         };
     }
     Ok(())
-}
-
-/// Lowers the calling thread's CPU priority to [`PRIORITY`]; threads it starts inherit it.
-/// Where the OS refuses (or is not Linux), the pipeline runs at normal priority.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    if let Err(error) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), PRIORITY) {
-        tracing::warn!(error = %error, "cannot lower the pipeline's CPU priority");
-    }
 }
 
 /// Which messages [`requeue`] moves back to `accepted`.

@@ -14,8 +14,21 @@ use super::{Error, NewEntry, Notify, Shared, State, MAX_SPARES};
 
 /// Most log bytes copied in one transaction (a single larger segment goes whole).
 const MAX_READ_BYTES: u64 = 32 << 20;
-/// Longest a logged message waits to be copied into `journal.db` while the log has room.
+/// Longest a logged message waits to be copied into `journal.db` while the log has room,
+/// on an ordinary line.
 const COPY_INTERVAL: Duration = Duration::from_millis(20);
+/// The same during an inbound burst (the last copy carried more than
+/// [`BUSY_RECORDS_PER_SECOND`]): fewer, larger transactions, whose writes share the disk
+/// with the ACK path's. Readers of `journal.db` see a message up to this long after its
+/// ACK while the burst lasts; the pipeline holds back during bursts anyway.
+const BUSY_COPY_INTERVAL: Duration = Duration::from_millis(500);
+/// Copy rate, in records per second, above which the line counts as busy.
+const BUSY_RECORDS_PER_SECOND: f64 = 500.0;
+/// The writer's nice value: below the MLLP connections' (0), whose ACKs would wait for the
+/// CPU a copy takes, above the pipeline's (10). The writer needs about 40 µs of CPU per
+/// message, so even a fully contended core lets it keep up with several thousand a second;
+/// when it cannot, the log's bound slows the ACKs.
+pub const PRIORITY: i32 = 5;
 /// Pause before retrying after `journal.db` refused a transaction.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -26,7 +39,11 @@ pub(super) fn spawn(
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("journal-writer".to_string())
-        .spawn(move || Writer { connection, shared, committed, cursor: None, staging: log::Aligned::default() }.run())
+        .spawn(move || {
+            crate::priority::lower(PRIORITY, "journal-writer");
+            let synced = shared.applied.load(Ordering::Acquire);
+            Writer { connection, shared, committed, cursor: None, staging: log::Aligned::default(), synced }.run()
+        })
         .expect("spawning a thread fails only when the OS is out of resources at startup")
 }
 
@@ -54,6 +71,9 @@ struct Writer {
     cursor: Option<Cursor>,
     /// Read buffer for the log (direct I/O needs it aligned).
     staging: log::Aligned,
+    /// Highest sequence number whose row is on disk in `journal.db` (synced, not only
+    /// committed): a log segment is retired only once every record in it is.
+    synced: i64,
 }
 
 type Changes = Vec<(super::Change, tokio::sync::oneshot::Sender<Result<(), Error>>)>;
@@ -61,18 +81,19 @@ type Changes = Vec<(super::Change, tokio::sync::oneshot::Sender<Result<(), Error
 impl Writer {
     fn run(mut self) {
         let mut last_copy = Instant::now();
+        let mut interval = COPY_INTERVAL;
         loop {
             let ((plan, reached), changes, duplicates) = {
                 let mut state = self.shared.lock();
                 loop {
                     // Changes wait for nobody (the pipeline blocks on them); the log is
-                    // copied every COPY_INTERVAL, or at once when a segment is full, so that
-                    // each journal.db commit (and its sync) carries many messages.
+                    // copied every `interval`, or at once when a segment is full, so that
+                    // each journal.db commit carries many messages.
                     if !state.changes.is_empty() || state.closed {
                         break;
                     }
                     let logged = self.shared.copy_due() || !state.duplicates.is_empty();
-                    let due = COPY_INTERVAL.saturating_sub(last_copy.elapsed());
+                    let due = interval.saturating_sub(last_copy.elapsed());
                     if logged && (due.is_zero() || state.live.len() > 1) {
                         break;
                     }
@@ -90,17 +111,21 @@ impl Writer {
                 }
                 (self.plan(&state), std::mem::take(&mut state.changes), std::mem::take(&mut state.duplicates))
             };
+            let since_last = last_copy.elapsed();
             last_copy = Instant::now();
-            if let Err(error) = self.copy(plan, reached, changes, &duplicates) {
-                self.shared.copying.store(false, Ordering::Relaxed);
-                if self.shared.lock().closed {
-                    // Shutting down: the records stay in the log, and the next start copies
-                    // them (or refuses to start, naming this error).
-                    tracing::error!(error = %error, "journal.db refused the ingest log's records; they stay in the log");
-                    break;
+            match self.copy(plan, reached, changes, &duplicates) {
+                Ok(records) => interval = copy_interval(records, since_last),
+                Err(error) => {
+                    self.shared.copying.store(false, Ordering::Relaxed);
+                    if self.shared.lock().closed {
+                        // Shutting down: the records stay in the log, and the next start
+                        // copies them (or refuses to start, naming this error).
+                        tracing::error!(error = %error, "journal.db refused the ingest log's records; they stay in the log");
+                        break;
+                    }
+                    tracing::error!(error = %error, "journal.db refused the ingest log's records; retrying");
+                    std::thread::sleep(RETRY_PAUSE);
                 }
-                tracing::error!(error = %error, "journal.db refused the ingest log's records; retrying");
-                std::thread::sleep(RETRY_PAUSE);
             }
         }
         // Checkpoint so that the WAL does not grow across restarts; failure here is harmless.
@@ -139,8 +164,15 @@ impl Writer {
     }
 
     /// Reads `plan`, commits its records, the duplicate counts and `changes` in one
-    /// transaction, then moves the cursor and frees the segments it left behind.
-    fn copy(&mut self, plan: Vec<Stretch>, reached: i64, changes: Changes, duplicates: &[i64]) -> Result<(), String> {
+    /// transaction, then moves the cursor and frees the segments it left behind. Returns
+    /// how many records it copied.
+    fn copy(
+        &mut self,
+        plan: Vec<Stretch>,
+        reached: i64,
+        changes: Changes,
+        duplicates: &[i64],
+    ) -> Result<usize, String> {
         let mut records = Vec::new();
         let mut cursor = None;
         for stretch in plan {
@@ -159,10 +191,21 @@ impl Writer {
             Ok(done) => done,
             Err(error) => return Err(error.to_string()),
         };
-        self.shared.copying.store(true, Ordering::Relaxed);
         if cursor.is_some() {
             self.cursor = cursor;
         }
+        let mut healthy = true;
+        if self.sync_due(reached) {
+            // The log is about to let go of records whose rows were only committed.
+            match sync_database(&self.shared.database) {
+                Ok(()) => self.synced = reached,
+                Err(error) => {
+                    healthy = false;
+                    tracing::error!(error = %error, "cannot sync journal.db; the ingest log keeps its segments until it can");
+                }
+            }
+        }
+        self.shared.copying.store(healthy, Ordering::Relaxed);
         {
             let mut state = self.shared.lock();
             // `reached`, not the last record read: an unreadable stretch is passed over
@@ -178,15 +221,26 @@ impl Writer {
             committed();
         }
         self.keep_a_spare();
-        Ok(())
+        Ok(applied)
     }
 
-    /// Retires the segments before the cursor's, all of whose records are committed.
+    /// True when the oldest segment is behind the cursor with every record committed up to
+    /// `reached`, and only the sync of `journal.db` keeps it from being retired.
+    fn sync_due(&self, reached: i64) -> bool {
+        let state = self.shared.lock();
+        let Some(front) = state.live.front() else { return false };
+        let behind = self.cursor.as_ref().is_some_and(|cursor| cursor.path != front.path);
+        state.live.len() > 1 && behind && front.last_seq <= reached && front.last_seq > self.synced
+    }
+
+    /// Retires the segments before the cursor's, all of whose records are on disk in
+    /// `journal.db`.
     fn recycle(&self, state: &mut State) {
         while state.live.len() > 1 {
             let Some(front) = state.live.front() else { break };
             let behind = self.cursor.as_ref().is_some_and(|cursor| cursor.path != front.path);
-            if !behind || front.last_seq > self.shared.applied.load(Ordering::Acquire) {
+            let copied = front.last_seq <= self.shared.applied.load(Ordering::Acquire);
+            if !behind || !copied || front.last_seq > self.synced {
                 break;
             }
             let Some(done) = state.live.pop_front() else { break };
@@ -287,6 +341,34 @@ fn insert(transaction: &Transaction<'_>, record: &Record) -> rusqlite::Result<()
     Ok(())
 }
 
+/// Syncs `journal.db` and its WAL to disk. The writer commits with `synchronous=NORMAL`:
+/// a commit hands its WAL frames to the OS and returns, and the log keeps the records until
+/// this sync (SQLite's own syncs come only at checkpoints, which sync the WAL before
+/// writing the database file and the database file before the WAL is reused). After it,
+/// every committed row survives power loss.
+fn sync_database(database: &Path) -> std::io::Result<()> {
+    let mut wal = database.as_os_str().to_owned();
+    wal.push("-wal");
+    match File::open(&wal) {
+        Ok(file) => file.sync_data()?,
+        // No WAL: everything is in the database file.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error),
+    }
+    File::open(database)?.sync_data()
+}
+
+/// How long the writer waits before its next copy: [`BUSY_COPY_INTERVAL`] after a copy of
+/// `records` that arrived faster than [`BUSY_RECORDS_PER_SECOND`] in the `since_last`
+/// since the copy before, otherwise [`COPY_INTERVAL`].
+fn copy_interval(records: usize, since_last: Duration) -> Duration {
+    if records as f64 > BUSY_RECORDS_PER_SECOND * since_last.as_secs_f64().max(COPY_INTERVAL.as_secs_f64()) {
+        BUSY_COPY_INTERVAL
+    } else {
+        COPY_INTERVAL
+    }
+}
+
 /// An error about the ingest log at `directory`.
 fn log_error(directory: &Path, what: &str, error: &dyn std::fmt::Display) -> Error {
     Error::Write(format!("ingest log {}: {what}: {error}", directory.display()))
@@ -331,9 +413,14 @@ pub(super) fn lock(directory: &Path) -> Result<File, Error> {
 }
 
 /// Copies into `journal.db` every record of the log at `directory` that it does not have
-/// yet (a crash or power cut after the ACK, before the writer's commit), then retires the
-/// log's segments. Returns the last row id, the next segment number and the spares.
-pub(super) fn recover(connection: &mut Connection, directory: &Path) -> Result<(i64, u64, Vec<PathBuf>), Error> {
+/// yet (a crash or power cut after the ACK, before the writer's sync), syncs the database
+/// at `database` (whose connection this is), then retires the log's segments. Returns the
+/// last row id, the next segment number and the spares.
+pub(super) fn recover(
+    connection: &mut Connection,
+    database: &Path,
+    directory: &Path,
+) -> Result<(i64, u64, Vec<PathBuf>), Error> {
     let failed = |what: &str, error: &dyn std::fmt::Display| log_error(directory, what, error);
     let last_row = |connection: &Connection| {
         connection.query_row("SELECT coalesce(max(id), 0) FROM messages", [], |row| row.get::<_, i64>(0))
@@ -364,6 +451,9 @@ pub(super) fn recover(connection: &mut Connection, directory: &Path) -> Result<(
     if recovered > 0 {
         tracing::info!(recovered, "journal: copied logged messages into journal.db after an unclean stop");
     }
+    // Rows the last run committed may not be on disk yet (it stopped before syncing them):
+    // they are before the log is emptied.
+    sync_database(database).map_err(|error| failed("cannot sync journal.db before emptying the log", &error))?;
     let mut spares = Vec::new();
     for segment in &segments {
         retire(segment.path.clone(), &mut spares).map_err(|error| failed("cannot retire a segment", &error))?;
@@ -688,6 +778,7 @@ mod tests {
             committed: None,
             cursor: None,
             staging: log::Aligned::default(),
+            synced: 0,
         };
         let live = |number: u64| super::super::Live {
             path: log_directory.join(format!("{number}")),
@@ -703,6 +794,53 @@ mod tests {
         let spares = shared.lock().spares.clone();
         assert_eq!(spares.len(), 1, "behind: the next rotation needs one");
         assert_eq!(std::fs::metadata(&spares[0]).unwrap().len(), SEGMENT_BYTES);
+    }
+
+    #[test]
+    fn a_segment_is_retired_only_once_journal_db_is_synced_past_it() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        drop(journal);
+        thread.join().unwrap();
+        let log_directory = super::super::log_directory(&path);
+        let shared = Shared::for_tests(&path, 100);
+        let mut writer = Writer {
+            connection: crate::db::open_journal(&path).unwrap(),
+            shared: shared.clone(),
+            committed: None,
+            cursor: Some(Cursor { path: log_directory.join("2"), offset: BLOCK, next_seq: 11 }),
+            staging: log::Aligned::default(),
+            synced: 0,
+        };
+        let full = log::create(&log_directory, 50, SEGMENT_BYTES).unwrap();
+        shared.lock().live.extend([
+            super::super::Live { path: full.clone(), first_seq: 1, end: SEGMENT_BYTES, last_seq: 10 },
+            super::super::Live { path: log_directory.join("2"), first_seq: 11, end: BLOCK, last_seq: 10 },
+        ]);
+        // Rows 1 to 10 are committed, not synced.
+        shared.applied.store(10, Ordering::Release);
+        assert!(writer.sync_due(10));
+        writer.recycle(&mut shared.lock());
+        assert_eq!(shared.lock().live.len(), 2, "the log keeps records journal.db has only committed");
+
+        sync_database(&path).unwrap();
+        writer.synced = 10;
+        assert!(!writer.sync_due(10));
+        writer.recycle(&mut shared.lock());
+        assert_eq!(shared.lock().live.len(), 1);
+        assert_eq!(shared.lock().spares, vec![full], "retired as a spare");
+    }
+
+    #[test]
+    fn a_busy_line_is_copied_in_fewer_larger_transactions() {
+        assert_eq!(copy_interval(0, Duration::from_millis(20)), COPY_INTERVAL);
+        assert_eq!(copy_interval(5, Duration::from_millis(20)), COPY_INTERVAL, "250 a second");
+        assert_eq!(copy_interval(60, Duration::from_millis(20)), BUSY_COPY_INTERVAL, "3,000 a second");
+        assert_eq!(copy_interval(400, Duration::from_secs(1)), COPY_INTERVAL);
+        assert_eq!(copy_interval(300, BUSY_COPY_INTERVAL), BUSY_COPY_INTERVAL, "600 a second stays busy");
+        // A copy soon after the last (a segment filled) is judged over the ordinary interval.
+        assert_eq!(copy_interval(5, Duration::from_micros(10)), COPY_INTERVAL);
     }
 
     #[test]
