@@ -272,6 +272,10 @@ struct Shared {
     applied: AtomicI64,
     /// Highest sequence number synced in the log; set under the state lock.
     durable: AtomicI64,
+    /// Highest sequence number whose row is on disk in `journal.db` (synced, not only
+    /// committed): a log segment is retired only once every record in it is. Set by the
+    /// writer.
+    synced: AtomicI64,
     /// False while the appender's last log write failed.
     logging: AtomicBool,
     /// False while the writer's last copy into `journal.db` failed.
@@ -314,6 +318,7 @@ impl Shared {
             directory: log_directory(database),
             applied: AtomicI64::new(0),
             durable: AtomicI64::new(0),
+            synced: AtomicI64::new(0),
             logging: AtomicBool::new(true),
             copying: AtomicBool::new(true),
             stored: AtomicU64::new(0),
@@ -395,6 +400,7 @@ impl Journal {
             directory,
             applied: AtomicI64::new(applied_seq),
             durable: AtomicI64::new(applied_seq),
+            synced: AtomicI64::new(applied_seq),
             logging: AtomicBool::new(true),
             copying: AtomicBool::new(true),
             stored: AtomicU64::new(0),

@@ -29,6 +29,11 @@ const BUSY_RECORDS_PER_SECOND: f64 = 500.0;
 /// message, so even a fully contended core lets it keep up with several thousand a second;
 /// when it cannot, the log's bound slows the ACKs.
 pub const PRIORITY: i32 = 5;
+/// On an ordinary line, how long committed rows may wait to be synced. The log keeps them
+/// safe meanwhile; the sync (with a checkpoint) is for the next burst, which would otherwise
+/// meet their pages still to be written back by the kernel and a WAL due for a checkpoint,
+/// both beside its ACKs' writes.
+const QUIET_SYNC_AFTER: Duration = Duration::from_secs(1);
 /// Pause before retrying after `journal.db` refused a transaction.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
 
@@ -41,8 +46,7 @@ pub(super) fn spawn(
         .name("journal-writer".to_string())
         .spawn(move || {
             crate::priority::lower(PRIORITY, "journal-writer");
-            let synced = shared.applied.load(Ordering::Acquire);
-            Writer { connection, shared, committed, cursor: None, staging: log::Aligned::default(), synced }.run()
+            Writer { connection, shared, committed, cursor: None, staging: log::Aligned::default() }.run()
         })
         .expect("spawning a thread fails only when the OS is out of resources at startup")
 }
@@ -71,9 +75,6 @@ struct Writer {
     cursor: Option<Cursor>,
     /// Read buffer for the log (direct I/O needs it aligned).
     staging: log::Aligned,
-    /// Highest sequence number whose row is on disk in `journal.db` (synced, not only
-    /// committed): a log segment is retired only once every record in it is.
-    synced: i64,
 }
 
 type Changes = Vec<(super::Change, tokio::sync::oneshot::Sender<Result<(), Error>>)>;
@@ -82,6 +83,8 @@ impl Writer {
     fn run(mut self) {
         let mut last_copy = Instant::now();
         let mut interval = COPY_INTERVAL;
+        // When the oldest commit not yet synced was made.
+        let mut unsynced_since: Option<Instant> = None;
         loop {
             let ((plan, reached), changes, duplicates) = {
                 let mut state = self.shared.lock();
@@ -97,13 +100,28 @@ impl Writer {
                     if logged && (due.is_zero() || state.live.len() > 1) {
                         break;
                     }
-                    state = if logged {
-                        self.shared
+                    let quiet = interval == COPY_INTERVAL;
+                    let sync_due =
+                        unsynced_since.filter(|_| quiet).map(|since| QUIET_SYNC_AFTER.saturating_sub(since.elapsed()));
+                    if sync_due.is_some_and(|wait| wait.is_zero()) {
+                        drop(state);
+                        self.sync_quietly();
+                        unsynced_since = None;
+                        state = self.shared.lock();
+                        continue;
+                    }
+                    let timeout = match (logged, sync_due) {
+                        (true, Some(wait)) => Some(due.min(wait)),
+                        (true, None) => Some(due),
+                        (false, wait) => wait,
+                    };
+                    state = match timeout {
+                        Some(timeout) => self
+                            .shared
                             .changed
-                            .wait_timeout(state, due)
-                            .map_or_else(|error| error.into_inner().0, |(guard, _)| guard)
-                    } else {
-                        self.shared.wait(state)
+                            .wait_timeout(state, timeout)
+                            .map_or_else(|error| error.into_inner().0, |(guard, _)| guard),
+                        None => self.shared.wait(state),
                     };
                 }
                 if state.closed && !self.shared.copy_due() && state.changes.is_empty() && state.duplicates.is_empty() {
@@ -114,7 +132,14 @@ impl Writer {
             let since_last = last_copy.elapsed();
             last_copy = Instant::now();
             match self.copy(plan, reached, changes, &duplicates) {
-                Ok(records) => interval = copy_interval(records, since_last),
+                Ok(records) => {
+                    interval = copy_interval(records, since_last);
+                    if self.shared.synced.load(Ordering::Acquire) < self.shared.applied.load(Ordering::Acquire) {
+                        unsynced_since.get_or_insert_with(Instant::now);
+                    } else {
+                        unsynced_since = None;
+                    }
+                }
                 Err(error) => {
                     self.shared.copying.store(false, Ordering::Relaxed);
                     if self.shared.lock().closed {
@@ -198,7 +223,7 @@ impl Writer {
         if self.sync_due(reached) {
             // The log is about to let go of records whose rows were only committed.
             match sync_database(&self.shared.database) {
-                Ok(()) => self.synced = reached,
+                Ok(()) => self.shared.synced.store(reached, Ordering::Release),
                 Err(error) => {
                     healthy = false;
                     tracing::error!(error = %error, "cannot sync journal.db; the ingest log keeps its segments until it can");
@@ -224,13 +249,33 @@ impl Writer {
         Ok(applied)
     }
 
+    /// Checkpoints `journal.db` and syncs it, on an ordinary line after
+    /// [`QUIET_SYNC_AFTER`]. A failure is only logged: the log still holds the rows.
+    fn sync_quietly(&self) {
+        let applied = self.shared.applied.load(Ordering::Acquire);
+        // PASSIVE: it waits for no reader. With synchronous=NORMAL it syncs the WAL, writes
+        // the pages back and syncs the database file.
+        if let Err(error) = self.connection.execute_batch("PRAGMA wal_checkpoint(PASSIVE);") {
+            tracing::warn!(error = %error, "journal.db checkpoint failed; retried at the next quiet moment");
+        }
+        match sync_database(&self.shared.database) {
+            Ok(()) => {
+                self.shared.synced.fetch_max(applied, Ordering::AcqRel);
+            }
+            Err(error) => tracing::warn!(error = %error, "cannot sync journal.db; retried at the next quiet moment"),
+        }
+    }
+
     /// True when the oldest segment is behind the cursor with every record committed up to
     /// `reached`, and only the sync of `journal.db` keeps it from being retired.
     fn sync_due(&self, reached: i64) -> bool {
         let state = self.shared.lock();
         let Some(front) = state.live.front() else { return false };
         let behind = self.cursor.as_ref().is_some_and(|cursor| cursor.path != front.path);
-        state.live.len() > 1 && behind && front.last_seq <= reached && front.last_seq > self.synced
+        state.live.len() > 1
+            && behind
+            && front.last_seq <= reached
+            && front.last_seq > self.shared.synced.load(Ordering::Acquire)
     }
 
     /// Retires the segments before the cursor's, all of whose records are on disk in
@@ -240,7 +285,7 @@ impl Writer {
             let Some(front) = state.live.front() else { break };
             let behind = self.cursor.as_ref().is_some_and(|cursor| cursor.path != front.path);
             let copied = front.last_seq <= self.shared.applied.load(Ordering::Acquire);
-            if !behind || !copied || front.last_seq > self.synced {
+            if !behind || !copied || front.last_seq > self.shared.synced.load(Ordering::Acquire) {
                 break;
             }
             let Some(done) = state.live.pop_front() else { break };
@@ -778,7 +823,6 @@ mod tests {
             committed: None,
             cursor: None,
             staging: log::Aligned::default(),
-            synced: 0,
         };
         let live = |number: u64| super::super::Live {
             path: log_directory.join(format!("{number}")),
@@ -805,13 +849,12 @@ mod tests {
         thread.join().unwrap();
         let log_directory = super::super::log_directory(&path);
         let shared = Shared::for_tests(&path, 100);
-        let mut writer = Writer {
+        let writer = Writer {
             connection: crate::db::open_journal(&path).unwrap(),
             shared: shared.clone(),
             committed: None,
             cursor: Some(Cursor { path: log_directory.join("2"), offset: BLOCK, next_seq: 11 }),
             staging: log::Aligned::default(),
-            synced: 0,
         };
         let full = log::create(&log_directory, 50, SEGMENT_BYTES).unwrap();
         shared.lock().live.extend([
@@ -825,11 +868,27 @@ mod tests {
         assert_eq!(shared.lock().live.len(), 2, "the log keeps records journal.db has only committed");
 
         sync_database(&path).unwrap();
-        writer.synced = 10;
+        shared.synced.store(10, Ordering::Release);
         assert!(!writer.sync_due(10));
         writer.recycle(&mut shared.lock());
         assert_eq!(shared.lock().live.len(), 1);
         assert_eq!(shared.lock().spares, vec![full], "retired as a spare");
+    }
+
+    #[tokio::test]
+    async fn on_a_quiet_line_committed_rows_are_synced_within_a_second_or_so() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        journal.append(entry("1", b"MSH|one", 1)).await.unwrap();
+        let started = Instant::now();
+        while journal.shared.synced.load(Ordering::Acquire) < 1 {
+            assert!(started.elapsed() < QUIET_SYNC_AFTER * 10, "row 1 was never synced");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(started.elapsed() >= QUIET_SYNC_AFTER / 2, "synced at once, as if every commit were");
+        drop(journal);
+        thread.join().unwrap();
     }
 
     #[test]
