@@ -25,7 +25,8 @@
 //!   per commit; SQLite syncs at checkpoints, keeping the file consistent) and syncs
 //!   `journal.db` itself before a log segment is reused: a record leaves the log only once
 //!   its row is on disk. Each sync in `journal.db` would hold back the ACK path's writes to
-//!   the same disk; these come once per segment instead of once per commit.
+//!   the same disk; these come once per segment instead of once per commit, and on an
+//!   ordinary line a second after the commits (with a checkpoint), ahead of the next burst.
 //! - **Duplicates.** An accepted message whose sender (MSH-3, MSH-4), MSH-10 and content
 //!   hash match a non-refused message received inside the duplicate window is not stored
 //!   again: the original's ACK is returned and its duplicate counter incremented. The
