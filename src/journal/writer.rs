@@ -25,7 +25,7 @@ const BUSY_COPY_INTERVAL: Duration = Duration::from_millis(500);
 /// Copy rate, in records per second, above which the line counts as busy.
 const BUSY_RECORDS_PER_SECOND: f64 = 500.0;
 /// The writer's nice value: below the MLLP connections' (0), whose ACKs would wait for the
-/// CPU a copy takes, above the pipeline's (10). The writer needs about 40 µs of CPU per
+/// CPU a copy takes, above the pipeline's (10). The writer needs 15–40 µs of CPU per
 /// message, so even a fully contended core lets it keep up with several thousand a second;
 /// when it cannot, the log's bound slows the ACKs.
 pub const PRIORITY: i32 = 5;
@@ -223,7 +223,9 @@ impl Writer {
         if self.sync_due(reached) {
             // The log is about to let go of records whose rows were only committed.
             match sync_database(&self.shared.database) {
-                Ok(()) => self.shared.synced.store(reached, Ordering::Release),
+                Ok(()) => {
+                    self.shared.synced.fetch_max(reached, Ordering::AcqRel);
+                }
                 Err(error) => {
                     healthy = false;
                     tracing::error!(error = %error, "cannot sync journal.db; the ingest log keeps its segments until it can");
