@@ -268,28 +268,28 @@ impl Writer {
         }
     }
 
-    /// True when the oldest segment is behind the cursor with every record committed up to
-    /// `reached`, and only the sync of `journal.db` keeps it from being retired.
-    fn sync_due(&self, reached: i64) -> bool {
-        let state = self.shared.lock();
-        let Some(front) = state.live.front() else { return false };
+    /// The last sequence number of the oldest segment when the cursor has left it and every
+    /// record in it is committed up to `through`: it is retirable once `journal.db` is synced
+    /// that far.
+    fn finished_front(&self, state: &State, through: i64) -> Option<i64> {
+        let front = state.live.front().filter(|_| state.live.len() > 1)?;
         let behind = self.cursor.as_ref().is_some_and(|cursor| cursor.path != front.path);
-        state.live.len() > 1
-            && behind
-            && front.last_seq <= reached
-            && front.last_seq > self.shared.synced.load(Ordering::Acquire)
+        (behind && front.last_seq <= through).then_some(front.last_seq)
+    }
+
+    /// True when only the sync of `journal.db` keeps the oldest segment from being retired
+    /// after a commit that reached `reached`.
+    fn sync_due(&self, reached: i64) -> bool {
+        let synced = self.shared.synced.load(Ordering::Acquire);
+        self.finished_front(&self.shared.lock(), reached).is_some_and(|last_seq| last_seq > synced)
     }
 
     /// Retires the segments before the cursor's, all of whose records are on disk in
     /// `journal.db`.
     fn recycle(&self, state: &mut State) {
-        while state.live.len() > 1 {
-            let Some(front) = state.live.front() else { break };
-            let behind = self.cursor.as_ref().is_some_and(|cursor| cursor.path != front.path);
-            let copied = front.last_seq <= self.shared.applied.load(Ordering::Acquire);
-            if !behind || !copied || front.last_seq > self.shared.synced.load(Ordering::Acquire) {
-                break;
-            }
+        let applied = self.shared.applied.load(Ordering::Acquire);
+        let synced = self.shared.synced.load(Ordering::Acquire);
+        while self.finished_front(state, applied).is_some_and(|last_seq| last_seq <= synced) {
             let Some(done) = state.live.pop_front() else { break };
             if let Err(error) = retire(done.path.clone(), &mut state.spares) {
                 tracing::warn!(segment = %done.path.display(), error = %error, "cannot retire ingest log segment")
