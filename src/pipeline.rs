@@ -29,6 +29,7 @@
 //! - **Wake-ups.** The journal signals after each commit; without a signal the worker looks
 //!   again every [`IDLE_POLL`], so rows requeued by another process are picked up too.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
@@ -669,8 +670,9 @@ pub fn message_detail(connection: &Connection, id: i64) -> Result<Option<Message
         .optional()?;
     Ok(found.map(|(summary, charset, raw, ack, report)| {
         let charset = Charset::from_name(&charset).unwrap_or(Charset::Latin1);
-        let decode =
-            |bytes: &[u8]| charset.decode(bytes).unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
+        let decode = |bytes: &[u8]| {
+            charset.decode(bytes).map_or_else(|_| String::from_utf8_lossy(bytes).into_owned(), Cow::into_owned)
+        };
         MessageDetail {
             summary,
             raw: decode(&raw),

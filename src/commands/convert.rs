@@ -2,6 +2,7 @@
 //! per message on stdout, with no server and no database. Failures name the file, the line
 //! where the message starts, its MSH-10 and the reason, on stderr.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -22,7 +23,7 @@ pub struct Summary {
 /// Decodes a message by its MSH-18 (UTF-8 when it declares nothing).
 pub fn decode(raw: &[u8]) -> Result<String, String> {
     let charset = charset::message_charset(raw, Charset::Utf8).map_err(|unsupported| unsupported.to_string())?;
-    charset.decode(raw).map_err(|error| error.to_string())
+    charset.decode(raw).map(Cow::into_owned).map_err(|error| error.to_string())
 }
 
 /// Converts every message of every file. Bundles go to `output`; failures and, with

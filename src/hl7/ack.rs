@@ -198,28 +198,43 @@ pub fn build_ack(header: &Header, outcome: &AckOutcome, ack_control_id: &str, ti
     let processing_id = if header.processing_id.is_empty() { "P" } else { header.processing_id.as_str() };
     let code = outcome.code(header);
 
-    let mut msh_fields: Vec<String> = vec![
-        separators.encoding_characters(),
-        header.receiving_application.clone(),
-        header.receiving_facility.clone(),
-        header.sending_application.clone(),
-        header.sending_facility.clone(),
-        timestamp.to_string(),
-        String::new(),
-        message_type,
-        separators.escape(ack_control_id),
-        processing_id.to_string(),
-        version.to_string(),
+    // Written straight into one string: the listener builds an ACK for every message.
+    let encoding_characters = separators.encoding_characters();
+    let escaped_control_id = separators.escape(ack_control_id);
+    // MSH-2 to MSH-12.
+    let msh_fields: [&str; 11] = [
+        &encoding_characters,
+        &header.receiving_application,
+        &header.receiving_facility,
+        &header.sending_application,
+        &header.sending_facility,
+        timestamp,
+        "",
+        &message_type,
+        &escaped_control_id,
+        processing_id,
+        version,
     ];
-    if !header.charset.is_empty() {
-        // MSH-2 is index 0, so MSH-18 is index 16.
-        msh_fields.resize(16, String::new());
-        msh_fields.push(header.charset.clone());
+    let mut ack = String::with_capacity(256);
+    ack.push_str("MSH");
+    for value in msh_fields {
+        ack.push(field);
+        ack.push_str(value);
     }
-    let mut ack = format!("MSH{field}{}\r", msh_fields.join(&field.to_string()));
+    if !header.charset.is_empty() {
+        // MSH-13 to MSH-17 empty, then MSH-18.
+        for _ in 13..=18 {
+            ack.push(field);
+        }
+        ack.push_str(&header.charset);
+    }
+    ack.push('\r');
 
-    let echoed_control_id = &header.control_id;
-    ack.push_str(&format!("MSA{field}{}{field}{echoed_control_id}", code.as_str()));
+    ack.push_str("MSA");
+    ack.push(field);
+    ack.push_str(code.as_str());
+    ack.push(field);
+    ack.push_str(&header.control_id);
     let modern_err = version_number >= (2, 5, 0);
     if let (Some(detail), false) = (outcome.error(), modern_err) {
         // MSA-3 text message, deprecated from v2.4 but what older receivers display.

@@ -9,9 +9,10 @@
 //! ISO-8859-1 and ISO-8859-9 as Windows-1252 and Windows-1254. HL7's 8859/1 and 8859/9 are
 //! the real ISO sets (0x80–0x9F are C1 controls), so those two are decoded here by table.
 
+use std::borrow::Cow;
 use std::fmt;
 
-use encoding_rs::{DecoderResult, Encoding};
+use encoding_rs::{DecoderResult, Encoding, UTF_8};
 
 /// A character set the gateway can decode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,27 +86,59 @@ impl Charset {
 
     /// Decodes `raw` strictly. A leading UTF-8 or UTF-16 byte order mark overrides the
     /// declared set (it is an explicit declaration too) and is not part of the text.
-    pub fn decode(self, raw: &[u8]) -> Result<String, DecodeError> {
+    ///
+    /// Text that is already UTF-8 as it stands (UTF-8, ASCII, and Latin-1 or Latin-5 bytes
+    /// that are all ASCII, as most messages are) is borrowed, not copied: the MLLP listener
+    /// decodes every message before its ACK.
+    pub fn decode(self, raw: &[u8]) -> Result<Cow<'_, str>, DecodeError> {
         if let Some((bom_encoding, bom_length)) = Encoding::for_bom(raw) {
             let body = &raw[bom_length..];
+            if bom_encoding == UTF_8 {
+                return std::str::from_utf8(body)
+                    .map(Cow::Borrowed)
+                    .map_err(|error| DecodeError::at(error.valid_up_to() + bom_length, bom_encoding.name()));
+            }
             return decode_with(bom_encoding, body)
+                .map(Cow::Owned)
                 .map_err(|offset| DecodeError::at(offset + bom_length, bom_encoding.name()));
         }
+        let single_byte = |to_char: fn(u8) -> char| match std::str::from_utf8(raw) {
+            Ok(text) if text.is_ascii() => Cow::Borrowed(text),
+            _ => Cow::Owned(raw.iter().map(|&byte| to_char(byte)).collect()),
+        };
         match self {
             Charset::Ascii => match raw.iter().position(|byte| !byte.is_ascii()) {
                 Some(offset) => Err(DecodeError::at(offset, "ASCII")),
                 // Every byte is ASCII, hence valid UTF-8.
-                None => Ok(raw.iter().map(|&byte| char::from(byte)).collect()),
+                None => std::str::from_utf8(raw)
+                    .map(Cow::Borrowed)
+                    .map_err(|error| DecodeError::at(error.valid_up_to(), "ASCII")),
             },
-            Charset::Latin1 => Ok(raw.iter().map(|&byte| char::from(byte)).collect()),
-            Charset::Latin5 => Ok(raw.iter().map(|&byte| latin5_char(byte)).collect()),
+            Charset::Latin1 => Ok(single_byte(char::from)),
+            Charset::Latin5 => Ok(single_byte(latin5_char)),
             Charset::Utf8 => match std::str::from_utf8(raw) {
-                Ok(text) => Ok(text.to_owned()),
+                Ok(text) => Ok(Cow::Borrowed(text)),
                 Err(error) => Err(DecodeError::at(error.valid_up_to(), "UNICODE UTF-8")),
             },
-            Charset::Other(encoding) => {
-                decode_with(encoding, raw).map_err(|offset| DecodeError::at(offset, encoding.name()))
-            }
+            // Borrowed when the bytes mean the same in UTF-8; decoded again only to find
+            // where they go wrong.
+            Charset::Other(encoding) => match encoding.decode_without_bom_handling_and_without_replacement(raw) {
+                Some(text) => Ok(text),
+                None => {
+                    let offset = decode_with(encoding, raw).err().unwrap_or(0);
+                    Err(DecodeError::at(offset, encoding.name()))
+                }
+            },
+        }
+    }
+
+    /// [`Charset::encode`], reusing `text`'s bytes where they already are the encoding
+    /// (UTF-8, or ASCII text in an ASCII-compatible single-byte set).
+    pub fn encode_owned(self, text: String) -> Vec<u8> {
+        match self {
+            Charset::Utf8 => text.into_bytes(),
+            Charset::Ascii | Charset::Latin1 | Charset::Latin5 if text.is_ascii() => text.into_bytes(),
+            _ => self.encode(&text),
         }
     }
 
@@ -263,6 +296,34 @@ mod tests {
         assert_eq!(Charset::from_name("windows-1252"), Some(Charset::Other(encoding_rs::WINDOWS_1252)));
         assert_eq!(Charset::from_name("CNS 11643-1992"), None);
         assert_eq!(Charset::from_name("EBCDIC"), None);
+    }
+
+    #[test]
+    fn text_that_is_already_utf8_is_borrowed_not_copied() {
+        let ascii = b"MSH|^~\\&|A|B\rPID|1";
+        for charset in
+            [Charset::Utf8, Charset::Ascii, Charset::Latin1, Charset::Latin5, Charset::from_name("cp1252").unwrap()]
+        {
+            assert!(matches!(charset.decode(ascii).unwrap(), Cow::Borrowed(_)), "{charset:?}");
+        }
+        assert!(matches!(Charset::Utf8.decode("M\u{fc}ller".as_bytes()).unwrap(), Cow::Borrowed("M\u{fc}ller")));
+        assert!(matches!(Charset::Ascii.decode(b"\xef\xbb\xbfMSH").unwrap(), Cow::Borrowed("MSH")));
+        // Bytes that mean something else in UTF-8 are decoded.
+        assert!(matches!(Charset::Latin1.decode(b"\xc3\xa9").unwrap(), Cow::Owned(text) if text == "\u{c3}\u{a9}"));
+        let error = Charset::Ascii.decode(b"\xef\xbb\xbfMSH|\xff").unwrap_err();
+        assert_eq!(error.offset, 7, "offset in the raw bytes, byte order mark included");
+    }
+
+    #[test]
+    fn owned_encoding_matches_encoding_a_borrowed_str() {
+        let texts = ["MSH|^~\\&|A", "M\u{fc}ller", "\u{130}stanbul", "\u{201c}q\u{201d}"];
+        let charsets =
+            [Charset::Utf8, Charset::Ascii, Charset::Latin1, Charset::Latin5, Charset::from_name("cp1252").unwrap()];
+        for charset in charsets {
+            for text in texts {
+                assert_eq!(charset.encode_owned(text.to_string()), charset.encode(text), "{charset:?} {text}");
+            }
+        }
     }
 
     #[test]

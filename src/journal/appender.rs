@@ -51,18 +51,21 @@ struct Unapplied {
 }
 
 impl Unapplied {
-    fn insert(&mut self, seq: i64, entry: &NewEntry, content_hash: [u8; 32]) {
-        let key = &entry.key;
-        self.order.push_back((seq, key.control_id.clone()));
-        self.by_control_id.entry(key.control_id.clone()).or_default().push(Logged {
+    /// Notes a logged record, taking the strings it needs from `entry`, which has been
+    /// encoded and is only dropped after this.
+    fn insert(&mut self, seq: i64, entry: &mut NewEntry, content_hash: [u8; 32]) {
+        let key = &mut entry.key;
+        let control_id = std::mem::take(&mut key.control_id);
+        self.order.push_back((seq, control_id.clone()));
+        self.by_control_id.entry(control_id).or_default().push(Logged {
             seq,
-            sending_application: key.sending_application.clone(),
-            sending_facility: key.sending_facility.clone(),
+            sending_application: std::mem::take(&mut key.sending_application),
+            sending_facility: std::mem::take(&mut key.sending_facility),
             content_hash,
             received_at_us: entry.received_at_us,
             refused: entry.status == Status::Refused,
-            ack: entry.ack.clone(),
-            ack_code: entry.ack_code.clone(),
+            ack: std::mem::take(&mut entry.ack),
+            ack_code: std::mem::take(&mut entry.ack_code),
         });
     }
 
@@ -371,6 +374,7 @@ impl Appender {
             let seq = self.next_seq;
             self.next_seq += 1;
             log::encode(seq, entry, &content_hash, &mut self.buffer);
+            let entry = &mut request.entry;
             self.unapplied.insert(seq, entry, content_hash);
             if entry.status == Status::Accepted {
                 // Noted before the write: should it fail, the note only costs a lookup.
@@ -622,9 +626,9 @@ mod tests {
     #[test]
     fn unapplied_records_answer_duplicates_until_the_database_has_them() {
         let mut unapplied = Unapplied::default();
-        unapplied.insert(1, &entry("A", "APP", 100), [1; 32]);
-        unapplied.insert(2, &entry("A", "APP", 105), [1; 32]);
-        unapplied.insert(3, &entry("A", "OTHER", 105), [1; 32]);
+        unapplied.insert(1, &mut entry("A", "APP", 100), [1; 32]);
+        unapplied.insert(2, &mut entry("A", "APP", 105), [1; 32]);
+        unapplied.insert(3, &mut entry("A", "OTHER", 105), [1; 32]);
         let probe = entry("A", "APP", 108);
         assert_eq!(unapplied.find(&probe, &[1; 32], 98).map(|record| record.seq), Some(1), "the earliest");
         assert_eq!(unapplied.find(&probe, &[1; 32], 101).map(|record| record.seq), Some(2), "inside the window");

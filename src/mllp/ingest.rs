@@ -6,7 +6,7 @@
 //! for an accepted message is sent only once the journal commit has returned.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use crate::hl7::ack::{self, AckCode, AckOutcome, ErrorDetail, ErrorLocation};
 use crate::hl7::charset::{self, Charset};
 use crate::hl7::header::Header;
 use crate::journal::{self, Appended, Journal, MessageKey, NewEntry, Pending, Status};
-use crate::telemetry::{Metrics, RefusedLabels};
+use crate::telemetry::{MessageLabels, Metrics, RefusedLabels};
 
 /// What [`examine`] found out about a message.
 #[derive(Debug)]
@@ -43,7 +43,7 @@ pub fn examine(raw: &[u8], default_charset: Charset) -> Examined {
         Err(error) => {
             let location = locate(raw, error.offset);
             problem.get_or_insert(AckOutcome::Error(ErrorDetail::new(102, error.to_string()).at(location)));
-            String::from_utf8_lossy(raw).into_owned()
+            String::from_utf8_lossy(raw)
         }
     };
     let Some(header) = Header::scan(&text) else {
@@ -162,6 +162,26 @@ fn hl7_timestamp() -> String {
     jiff::Zoned::now().strftime("%Y%m%d%H%M%S%z").to_string()
 }
 
+/// MSH-7 of the ACKs: local time to the second, formatted (time zone lookup included) once
+/// a second rather than for every message.
+#[derive(Default)]
+struct AckClock {
+    /// The Unix second last formatted, and its text.
+    last: Mutex<(u64, String)>,
+}
+
+impl AckClock {
+    fn now(&self) -> String {
+        let second = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_secs());
+        // Every update is a single assignment: still consistent after a panic elsewhere.
+        let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.0 != second || last.1.is_empty() {
+            *last = (second, hl7_timestamp());
+        }
+        last.1.clone()
+    }
+}
+
 /// Shared state of every connection's ingest.
 pub struct Ingest {
     journal: Journal,
@@ -170,12 +190,15 @@ pub struct Ingest {
     duplicate_window_us: i64,
     honor_accept_ack_type: bool,
     ack_ids: AckIds,
+    clock: AckClock,
 }
 
 /// A frame queued in the journal; [`Submitted::finish`] waits for its commit.
 pub struct Submitted {
     pending: Result<Pending, journal::Error>,
     examined: Examined,
+    /// The metric labels, bounded once per message.
+    labels: MessageLabels,
     ack: Vec<u8>,
     ack_code: AckCode,
 }
@@ -190,6 +213,7 @@ impl Ingest {
             duplicate_window_us: settings.duplicate_window.as_micros().min(i64::MAX as u128) as i64,
             honor_accept_ack_type: settings.honor_accept_ack_type,
             ack_ids: AckIds::new(),
+            clock: AckClock::default(),
         }
     }
 
@@ -221,8 +245,8 @@ impl Ingest {
 
         let ack_code = examined.outcome.code(header);
         let ack = if ack::should_send(header, &examined.outcome, self.honor_accept_ack_type) {
-            let text = ack::build_ack(header, &examined.outcome, &self.ack_ids.next(), &hl7_timestamp());
-            examined.charset.encode(&text)
+            let text = ack::build_ack(header, &examined.outcome, &self.ack_ids.next(), &self.clock.now());
+            examined.charset.encode_owned(text)
         } else {
             Vec::new()
         };
@@ -250,15 +274,14 @@ impl Ingest {
             duplicate_window_us: self.duplicate_window_us,
         };
         let pending = self.journal.submit(entry).await;
-        Submitted { pending, examined, ack, ack_code }
+        Submitted { pending, examined, labels, ack, ack_code }
     }
 
     /// Waits for the journal commit of a submitted frame and returns the acknowledgment to
     /// write, if any (enhanced mode may ask for none).
     pub async fn finish(&self, submitted: Submitted) -> Option<Vec<u8>> {
-        let Submitted { pending, examined, ack, ack_code } = submitted;
+        let Submitted { pending, examined, labels, ack, ack_code } = submitted;
         let header = &examined.header;
-        let labels = self.metrics.message_labels(&header.message_label(), &header.sender_label());
         let appended = match pending {
             Ok(pending) => pending.wait().await,
             Err(error) => Err(error),
@@ -292,8 +315,8 @@ impl Ingest {
                 if !ack::should_send(header, &outcome, self.honor_accept_ack_type) {
                     return None;
                 }
-                let text = ack::build_ack(header, &outcome, &self.ack_ids.next(), &hl7_timestamp());
-                Some(examined.charset.encode(&text))
+                let text = ack::build_ack(header, &outcome, &self.ack_ids.next(), &self.clock.now());
+                Some(examined.charset.encode_owned(text))
             }
         }
     }
@@ -382,6 +405,24 @@ mod tests {
         let location = locate(message, message.len() - 2);
         assert_eq!(location, ErrorLocation { segment: "OBX".to_string(), sequence: 2, field: 3 });
         assert_eq!(locate(message, 5).field, 2);
+    }
+
+    #[test]
+    fn the_ack_clock_gives_msh_7_as_formatted_fresh_within_the_second() {
+        let clock = AckClock::default();
+        let (first, fresh) = (clock.now(), hl7_timestamp());
+        assert_eq!(first.len(), "20261130160102+0000".len(), "{first}");
+        assert!(first.bytes().take(14).all(|byte| byte.is_ascii_digit()), "{first}");
+        // Both were read within the same second or across one boundary.
+        let seconds = |text: &str| jiff::civil::DateTime::strptime("%Y%m%d%H%M%S", &text[..14]).unwrap();
+        let apart = seconds(&first).duration_until(seconds(&fresh)).as_secs();
+        assert!((0..=1).contains(&apart), "{first} then {fresh}");
+        assert_eq!(first[14..], fresh[14..], "same zone offset");
+        // The next second is formatted anew.
+        let second = clock.last.lock().unwrap().0;
+        clock.last.lock().unwrap().0 = second - 5;
+        clock.last.lock().unwrap().1 = "stale".to_string();
+        assert_ne!(clock.now(), "stale");
     }
 
     #[test]
