@@ -74,6 +74,11 @@ const MAX_READERS: usize = 8;
 const MAX_SPARES: usize = 2;
 /// WAL pages (4 KiB) after which the writer's commit checkpoints `journal.db`.
 const WAL_CHECKPOINT_PAGES: i64 = 8192;
+/// The same during an inbound burst (see `writer::BUSY_COPY_INTERVAL`): 256 MiB, about
+/// 170,000 messages of 1 KiB. A checkpoint reads back and writes again every page the burst
+/// wrote, a quarter of the writer's CPU; deferred, it runs once the burst is over (at the
+/// first ordinary commit or the quiet-line sync), not beside the ACK path.
+const BUSY_WAL_CHECKPOINT_PAGES: i64 = 65_536;
 
 /// Journal errors.
 #[derive(Debug, thiserror::Error)]
@@ -388,6 +393,9 @@ impl Journal {
         // SQLite's own syncs are then its checkpoints' (two each); every 32 MiB of WAL instead
         // of every 4 MiB, as each holds back the ACK path's writes for a few milliseconds.
         connection.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES).map_err(sqlite)?;
+        // After a checkpoint that a burst deferred, the WAL file is cut back to 32 MiB when
+        // it is next reused, rather than keeping the burst's size on disk.
+        connection.pragma_update(None, "journal_size_limit", WAL_CHECKPOINT_PAGES * 4096).map_err(sqlite)?;
         // The rows already in journal.db are noted by a thread of their own (see `recent`).
         let recent = if applied_seq > 0 {
             recent::RecentKeys::covering_nothing(recent::MAX_NOTED)

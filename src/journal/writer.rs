@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rusqlite::{params, Connection, Transaction};
 
 use super::log::{self, Record, BLOCK, SEGMENT_BYTES};
-use super::{Error, NewEntry, Notify, Shared, State, MAX_SPARES};
+use super::{Error, NewEntry, Notify, Shared, State, BUSY_WAL_CHECKPOINT_PAGES, MAX_SPARES, WAL_CHECKPOINT_PAGES};
 
 /// Most log bytes copied in one transaction (a single larger segment goes whole).
 const MAX_READ_BYTES: u64 = 32 << 20;
@@ -83,6 +83,7 @@ impl Writer {
     fn run(mut self) {
         let mut last_copy = Instant::now();
         let mut interval = COPY_INTERVAL;
+        let mut checkpoint_after = WAL_CHECKPOINT_PAGES;
         // When the oldest commit not yet synced was made.
         let mut unsynced_since: Option<Instant> = None;
         loop {
@@ -134,6 +135,13 @@ impl Writer {
             match self.copy(plan, reached, changes, &duplicates) {
                 Ok(records) => {
                     interval = copy_interval(records, since_last);
+                    let pages = checkpoint_pages(interval);
+                    if pages != checkpoint_after {
+                        match self.connection.pragma_update(None, "wal_autocheckpoint", pages) {
+                            Ok(()) => checkpoint_after = pages,
+                            Err(error) => tracing::warn!(error = %error, "cannot change when journal.db checkpoints"),
+                        }
+                    }
                     if self.shared.synced.load(Ordering::Acquire) < self.shared.applied.load(Ordering::Acquire) {
                         unsynced_since.get_or_insert_with(Instant::now);
                     } else {
@@ -403,6 +411,16 @@ fn sync_database(database: &Path) -> std::io::Result<()> {
         Err(error) => return Err(error),
     }
     File::open(database)?.sync_data()
+}
+
+/// WAL pages after which the writer's commits checkpoint `journal.db`, for a copy interval:
+/// deferred during a burst ([`BUSY_WAL_CHECKPOINT_PAGES`]), the default otherwise.
+fn checkpoint_pages(interval: Duration) -> i64 {
+    if interval == BUSY_COPY_INTERVAL {
+        BUSY_WAL_CHECKPOINT_PAGES
+    } else {
+        WAL_CHECKPOINT_PAGES
+    }
 }
 
 /// How long the writer waits before its next copy: [`BUSY_COPY_INTERVAL`] after a copy of
@@ -902,6 +920,10 @@ mod tests {
         assert_eq!(copy_interval(300, BUSY_COPY_INTERVAL), BUSY_COPY_INTERVAL, "600 a second stays busy");
         // A copy soon after the last (a segment filled) is judged over the ordinary interval.
         assert_eq!(copy_interval(5, Duration::from_micros(10)), COPY_INTERVAL);
+        // Checkpoints wait while the line is busy, and come back with the ordinary interval.
+        assert_eq!(checkpoint_pages(BUSY_COPY_INTERVAL), BUSY_WAL_CHECKPOINT_PAGES);
+        assert_eq!(checkpoint_pages(COPY_INTERVAL), WAL_CHECKPOINT_PAGES);
+        const { assert!(BUSY_WAL_CHECKPOINT_PAGES > WAL_CHECKPOINT_PAGES) };
     }
 
     #[test]
