@@ -469,13 +469,17 @@ impl Appender {
             self.active = None;
             return Err(error);
         }
+        let offset = active.offset;
         active.offset += length;
+        // Copied here, outside the lock; the writer reads it instead of the file.
+        let mirrored: Arc<[u8]> = Arc::from(self.buffer.as_slice());
         let idle_writer = {
             let mut state = self.shared.lock();
             if let Some(live) = state.live.back_mut() {
                 live.end = active.offset;
                 live.last_seq = last_seq;
             }
+            state.mirror(offset, mirrored);
             // A writer with records to copy is waiting for its interval, not for this.
             let idle = self.shared.durable.load(Ordering::Acquire) <= self.shared.applied.load(Ordering::Acquire)
                 || state.live.len() > 1;
@@ -525,7 +529,7 @@ impl Appender {
         };
         let file = log::open_for_append(&path)?;
         log::write_blocks(&file, &log::header(first_seq, size), 0, &mut self.staging)?;
-        self.shared.lock().live.push_back(Live { path, first_seq, end: BLOCK, last_seq: first_seq - 1 });
+        self.shared.lock().live.push_back(Live::new(path, first_seq));
         self.active = Some(Active { file, size, offset: BLOCK });
         Ok(())
     }

@@ -68,6 +68,11 @@ pub use appender::{MAX_BATCH, QUEUE_CAPACITY};
 /// Most log segments holding records not yet in `journal.db` (16 MiB each: 1 GiB). When the
 /// writer falls this far behind, appends wait for it.
 pub const MAX_LIVE_SEGMENTS: usize = 64;
+/// Most bytes of recent commits kept in memory for the writer, which copies them into
+/// `journal.db` from there instead of reading the log file back from the disk, where its
+/// reads would queue with the ACK path's writes. 64 MiB is several of the writer's copies
+/// during a burst; beyond it (the writer is behind), it reads the file.
+const MAX_MIRROR_BYTES: usize = 64 << 20;
 /// Read connections kept for the callers' duplicate lookups.
 const MAX_READERS: usize = 8;
 /// Empty segments kept for reuse, so that rotating to a new one costs no zero-filling.
@@ -251,6 +256,32 @@ struct Live {
     end: u64,
     /// Sequence number of its last synced record (`first_seq - 1` while it has none).
     last_seq: i64,
+    /// Its commits that the writer has not copied yet, as written: offset and bytes.
+    mirror: VecDeque<(u64, Arc<[u8]>)>,
+}
+
+impl Live {
+    fn new(path: PathBuf, first_seq: i64) -> Live {
+        Live { path, first_seq, end: log::BLOCK, last_seq: first_seq - 1, mirror: VecDeque::new() }
+    }
+
+    /// The mirrored commits that make up bytes `from..to` exactly, when memory holds them
+    /// all (none was left out for [`MAX_MIRROR_BYTES`]).
+    fn mirrored(&self, from: u64, to: u64) -> Option<Vec<(u64, Arc<[u8]>)>> {
+        let mut commits = Vec::new();
+        let mut next = from;
+        for (offset, bytes) in self.mirror.iter().skip_while(|(offset, _)| *offset < from) {
+            if next == to {
+                break;
+            }
+            if *offset != next {
+                return None;
+            }
+            next += bytes.len() as u64;
+            commits.push((*offset, bytes.clone()));
+        }
+        (next == to).then_some(commits)
+    }
 }
 
 /// State shared by the appender (which logs), the writer (which copies the log into
@@ -269,6 +300,43 @@ struct State {
     duplicates: Vec<i64>,
     /// The appender has stopped: the writer finishes the log and stops too.
     closed: bool,
+    /// Bytes held in the segments' mirrors.
+    mirrored_bytes: usize,
+}
+
+impl State {
+    /// Keeps a commit's bytes, just written at `offset` of the active segment, for the
+    /// writer; left out (the writer reads the file) when [`MAX_MIRROR_BYTES`] are held.
+    fn mirror(&mut self, offset: u64, bytes: Arc<[u8]>) {
+        if self.mirrored_bytes + bytes.len() > MAX_MIRROR_BYTES {
+            return;
+        }
+        if let Some(live) = self.live.back_mut() {
+            self.mirrored_bytes += bytes.len();
+            live.mirror.push_back((offset, bytes));
+        }
+    }
+
+    /// Lets go of the mirrored commits before `offset` of segment `path` and of every
+    /// segment before it: the writer has copied them.
+    fn forget_mirrored(&mut self, path: &Path, offset: u64) {
+        let Some(position) = self.live.iter().position(|live| live.path == path) else { return };
+        for (index, live) in self.live.iter_mut().enumerate().take(position + 1) {
+            let current = index == position;
+            while live.mirror.front().is_some_and(|(start, bytes)| !current || start + bytes.len() as u64 <= offset) {
+                if let Some((_, bytes)) = live.mirror.pop_front() {
+                    self.mirrored_bytes -= bytes.len();
+                }
+            }
+        }
+    }
+
+    /// Removes the oldest segment, with whatever it still mirrors.
+    fn pop_front_live(&mut self) -> Option<Live> {
+        let done = self.live.pop_front()?;
+        self.mirrored_bytes -= done.mirror.iter().map(|(_, bytes)| bytes.len()).sum::<usize>();
+        Some(done)
+    }
 }
 
 struct Shared {

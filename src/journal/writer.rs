@@ -66,6 +66,8 @@ struct Stretch {
     from: u64,
     to: u64,
     first_seq: i64,
+    /// Its commits, when memory still holds them all; otherwise the file is read.
+    mirrored: Option<Vec<(u64, Arc<[u8]>)>>,
 }
 
 struct Writer {
@@ -189,7 +191,8 @@ impl Writer {
                     break;
                 }
                 bytes += live.end - from;
-                plan.push(Stretch { path: live.path.clone(), from, to: live.end, first_seq });
+                let mirrored = live.mirrored(from, live.end);
+                plan.push(Stretch { path: live.path.clone(), from, to: live.end, first_seq, mirrored });
             }
             reached = reached.max(live.last_seq);
         }
@@ -209,10 +212,25 @@ impl Writer {
         let mut records = Vec::new();
         let mut cursor = None;
         for stretch in plan {
-            let data = log::open_for_reading(&stretch.path)
-                .and_then(|file| log::read_range(&file, stretch.from, stretch.to, &mut self.staging))
-                .map_err(|error| format!("{}: {error}", stretch.path.display()))?;
-            let scanned = log::scan(data, stretch.from, stretch.first_seq, |record| records.push(record));
+            let scanned = match &stretch.mirrored {
+                // Commit by commit: each is whole blocks, its records followed by padding.
+                Some(commits) => {
+                    let mut scanned = log::Scanned { end: stretch.from, next_seq: stretch.first_seq };
+                    for (offset, bytes) in commits {
+                        scanned = log::scan(bytes, *offset, scanned.next_seq, |record| records.push(record));
+                        if scanned.end < offset + bytes.len() as u64 {
+                            break;
+                        }
+                    }
+                    scanned
+                }
+                None => {
+                    let data = log::open_for_reading(&stretch.path)
+                        .and_then(|file| log::read_range(&file, stretch.from, stretch.to, &mut self.staging))
+                        .map_err(|error| format!("{}: {error}", stretch.path.display()))?;
+                    log::scan(data, stretch.from, stretch.first_seq, |record| records.push(record))
+                }
+            };
             if scanned.end < stretch.to {
                 tracing::warn!(segment = %stretch.path.display(), offset = scanned.end, "ingest log record unreadable; rest of the segment skipped");
             }
@@ -246,6 +264,9 @@ impl Writer {
             // `reached`, not the last record read: an unreadable stretch is passed over
             // rather than waited for.
             self.shared.applied.fetch_max(reached, Ordering::AcqRel);
+            if let Some(cursor) = &self.cursor {
+                state.forget_mirrored(&cursor.path, cursor.offset);
+            }
             self.recycle(&mut state);
         }
         self.shared.changed.notify_all();
@@ -298,7 +319,7 @@ impl Writer {
         let applied = self.shared.applied.load(Ordering::Acquire);
         let synced = self.shared.synced.load(Ordering::Acquire);
         while self.finished_front(state, applied).is_some_and(|last_seq| last_seq <= synced) {
-            let Some(done) = state.live.pop_front() else { break };
+            let Some(done) = state.pop_front_live() else { break };
             if let Err(error) = retire(done.path.clone(), &mut state.spares) {
                 tracing::warn!(segment = %done.path.display(), error = %error, "cannot retire ingest log segment")
             }
@@ -827,6 +848,93 @@ mod tests {
     }
 
     #[test]
+    fn the_writer_copies_commits_from_memory_and_reads_the_file_for_what_memory_left_out() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        drop(journal);
+        thread.join().unwrap();
+        let shared = Shared::for_tests(&path, 100);
+        let mut writer = Writer {
+            connection: crate::db::open_journal(&path).unwrap(),
+            shared: shared.clone(),
+            committed: None,
+            cursor: None,
+            staging: log::Aligned::default(),
+        };
+        let commit = |seq: i64, control_id: &str| {
+            let mut bytes = Vec::new();
+            log::encode(seq, &entry(control_id, b"MSH|x", 1), &[0; 32], &mut bytes);
+            bytes.resize(log::align(bytes.len() as u64) as usize, 0);
+            Arc::<[u8]>::from(bytes)
+        };
+        let commit_to = |commit: Arc<[u8]>, last_seq: i64, mirrored: bool| {
+            let mut state = shared.lock();
+            let offset = state.live.back().unwrap().end;
+            let length = commit.len() as u64;
+            if mirrored {
+                state.mirror(offset, commit);
+            }
+            let live = state.live.back_mut().unwrap();
+            live.end = offset + length;
+            live.last_seq = last_seq;
+        };
+        // The segment's file does not exist: only memory can provide its records.
+        let missing = directory.path().join("missing.log");
+        shared.lock().live.push_back(super::super::Live::new(missing.clone(), 1));
+        commit_to(commit(1, "A"), 1, true);
+        commit_to(commit(2, "B"), 2, true);
+        assert!(shared.lock().mirrored_bytes > 0);
+
+        let (plan, reached) = writer.plan(&shared.lock());
+        assert!(plan[0].mirrored.as_ref().is_some_and(|commits| commits.len() == 2));
+        assert_eq!(writer.copy(plan, reached, Vec::new(), &[]).unwrap(), 2);
+        let control_ids: Vec<String> = writer
+            .connection
+            .prepare("SELECT control_id FROM messages ORDER BY id")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(control_ids, ["A", "B"]);
+        assert_eq!(shared.lock().mirrored_bytes, 0, "copied commits are let go");
+
+        // A commit that memory left out is read from the file (here: the missing one).
+        commit_to(commit(3, "C"), 3, false);
+        let (plan, reached) = writer.plan(&shared.lock());
+        assert!(plan[0].mirrored.is_none());
+        let error = writer.copy(plan, reached, Vec::new(), &[]).unwrap_err();
+        assert!(error.contains("missing.log"), "{error}");
+    }
+
+    #[test]
+    fn memory_holds_whole_stretches_only_and_at_most_its_bound() {
+        let mut state = State::default();
+        state.live.push_back(super::super::Live::new(PathBuf::from("1"), 1));
+        let block = |fill: u8| Arc::<[u8]>::from(vec![fill; BLOCK as usize]);
+        state.mirror(BLOCK, block(1));
+        state.mirror(2 * BLOCK, block(2));
+        // The third commit is left out: the stretch past it is not in memory.
+        state.mirror(4 * BLOCK, block(4));
+        let live = state.live.back().unwrap();
+        assert_eq!(live.mirrored(BLOCK, 3 * BLOCK).map(|commits| commits.len()), Some(2));
+        assert_eq!(live.mirrored(2 * BLOCK, 3 * BLOCK).map(|commits| commits[0].0), Some(2 * BLOCK));
+        assert!(live.mirrored(BLOCK, 5 * BLOCK).is_none(), "a gap");
+        assert!(live.mirrored(BLOCK, 2 * BLOCK + 1).is_none(), "not on a commit's end");
+        assert_eq!(state.mirrored_bytes, 3 * BLOCK as usize);
+
+        state.forget_mirrored(Path::new("1"), 3 * BLOCK);
+        assert_eq!(state.mirrored_bytes, BLOCK as usize);
+        state.mirrored_bytes = super::super::MAX_MIRROR_BYTES;
+        state.mirror(5 * BLOCK, block(5));
+        assert_eq!(state.live.back().unwrap().mirror.len(), 1, "full: left out");
+        state.mirrored_bytes = BLOCK as usize;
+        assert!(state.pop_front_live().is_some());
+        assert_eq!(state.mirrored_bytes, 0, "a retired segment's mirror is let go");
+    }
+
+    #[test]
     fn opening_prepares_the_spares_and_the_writer_makes_one_only_when_none_is_coming() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("j.db");
@@ -844,12 +952,7 @@ mod tests {
             cursor: None,
             staging: log::Aligned::default(),
         };
-        let live = |number: u64| super::super::Live {
-            path: log_directory.join(format!("{number}")),
-            first_seq: 1,
-            end: BLOCK,
-            last_seq: 0,
-        };
+        let live = |number: u64| super::super::Live::new(log_directory.join(format!("{number}")), 1);
         shared.lock().live.extend([live(1), live(2)]);
         writer.keep_a_spare();
         assert!(shared.lock().spares.is_empty(), "just rotated: the older segment becomes the spare");
@@ -878,8 +981,8 @@ mod tests {
         };
         let full = log::create(&log_directory, 50, SEGMENT_BYTES).unwrap();
         shared.lock().live.extend([
-            super::super::Live { path: full.clone(), first_seq: 1, end: SEGMENT_BYTES, last_seq: 10 },
-            super::super::Live { path: log_directory.join("2"), first_seq: 11, end: BLOCK, last_seq: 10 },
+            super::super::Live { end: SEGMENT_BYTES, last_seq: 10, ..super::super::Live::new(full.clone(), 1) },
+            super::super::Live::new(log_directory.join("2"), 11),
         ]);
         // Rows 1 to 10 are committed, not synced.
         shared.applied.store(10, Ordering::Release);
