@@ -20,7 +20,11 @@
 //!   inserts its records into `journal.db` (row id = the record's sequence number), in
 //!   transactions as large as the backlog: every 20 ms, or every 500 ms while the line is
 //!   busy. Readers of `journal.db` (the pipeline, the operator API) see a message that long
-//!   after its ACK.
+//!   after its ACK. It reads the recent commits from memory, where the appender keeps them
+//!   ([`MAX_MIRROR_BYTES`]), and the files only at start and when it has fallen that far
+//!   behind: the log is written past the page cache, so a read goes to the disk, where it
+//!   would queue with the ACK path's writes. During a burst, `journal.db`'s checkpoints
+//!   wait until the line is ordinary again (up to 256 MiB of WAL).
 //! - **The log is the durable copy.** The writer commits with `synchronous=NORMAL` (no sync
 //!   per commit; SQLite syncs at checkpoints, keeping the file consistent) and syncs
 //!   `journal.db` itself before a log segment is reused: a record leaves the log only once
