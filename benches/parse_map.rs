@@ -5,6 +5,9 @@
 //! convert; without the corpus, `benches/adt_a01_1k.hl7`. Run with
 //! `cargo bench --bench parse_map` (add `-- --quick` for a short run).
 //!
+//! The `ack_path` group times what an MLLP connection computes per message before the journal
+//! write (`-- ack_path` runs only it).
+//!
 //! The `structure_check` group times the structure check of the MLLP acknowledgment path on
 //! `benches/adt_a01_1k.hl7`: the full `hl7-parser` parse, which that path used alone before,
 //! against `hl7::structure::check`, which now answers first (`-- structure_check` runs only it).
@@ -15,10 +18,13 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use hl7_fhir_gateway::commands::convert::decode;
+use hl7_fhir_gateway::hl7::ack::{build_ack, AckOutcome};
+use hl7_fhir_gateway::hl7::charset::Charset;
 use hl7_fhir_gateway::hl7::header::Header;
 use hl7_fhir_gateway::hl7::split::split_messages;
 use hl7_fhir_gateway::hl7::structure;
 use hl7_fhir_gateway::mapping::Engine;
+use hl7_fhir_gateway::mllp::ingest::examine;
 
 const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus");
 const FALLBACK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/adt_a01_1k.hl7");
@@ -144,5 +150,28 @@ fn structure_check(criterion: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, parse_map, structure_check);
+/// What an MLLP connection computes for each message before it journals it: `examine`
+/// (decode by MSH-18, header, structure check) and the ACK, built and encoded.
+fn ack_path(criterion: &mut Criterion) {
+    let bytes = std::fs::read(FALLBACK).unwrap_or_else(|error| panic!("{FALLBACK}: {error}"));
+    let messages: Vec<Vec<u8>> = split_messages(&bytes).into_iter().map(|message| message.bytes.to_vec()).collect();
+    assert!(!messages.is_empty(), "no message in {FALLBACK}");
+
+    let mut group = criterion.benchmark_group("ack_path");
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(messages.len() as u64));
+    group.bench_function("examine_and_ack", |bencher| {
+        bencher.iter(|| {
+            for raw in &messages {
+                let examined = examine(black_box(raw), Charset::Utf8);
+                assert!(matches!(examined.outcome, AckOutcome::Accepted), "{FALLBACK} must be accepted");
+                let text = build_ack(&examined.header, &examined.outcome, "GW1", "20261130160000+0000");
+                black_box(examined.charset.encode_owned(text));
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, parse_map, structure_check, ack_path);
 criterion_main!(benches);

@@ -170,6 +170,9 @@ struct Waiting {
     requests: VecDeque<Request>,
     /// Every journal handle is gone: log what is queued, then stop.
     closed: bool,
+    /// The appender thread waits for work: only then does a nudge need to wake it (a wake
+    /// is a system call, and while the thread writes, every append would make one).
+    idle: bool,
 }
 
 /// Group commit without a hand-off on the quiet path.
@@ -240,9 +243,11 @@ impl Committer {
         self.nudge();
     }
 
-    /// Wakes the appender thread if appends are queued.
+    /// Wakes the appender thread if appends are queued and it waits for work (when it is
+    /// writing, it looks at the queue again before it waits).
     pub(super) fn nudge(&self) {
-        if !self.waiting().requests.is_empty() {
+        let waiting = self.waiting();
+        if !waiting.requests.is_empty() && waiting.idle {
             self.work.notify_one();
         }
     }
@@ -289,7 +294,9 @@ impl Committer {
                     if waiting.closed {
                         return;
                     }
+                    waiting.idle = true;
                     waiting = self.work.wait(waiting).unwrap_or_else(PoisonError::into_inner);
+                    waiting.idle = false;
                 }
             }
             // A panic while writing leaves the appender in an unknown state: stop.
