@@ -847,6 +847,17 @@ mod tests {
         assert!(!shared.recent().may_contain(unseen, 1_000_002));
     }
 
+    /// A writer on `path` without its thread, for calling its steps one by one.
+    fn writer_for(path: &Path, shared: &Arc<Shared>) -> Writer {
+        Writer {
+            connection: crate::db::open_journal(path).unwrap(),
+            shared: shared.clone(),
+            committed: None,
+            cursor: None,
+            staging: log::Aligned::default(),
+        }
+    }
+
     #[test]
     fn the_writer_copies_commits_from_memory_and_reads_the_file_for_what_memory_left_out() {
         let directory = tempfile::tempdir().unwrap();
@@ -855,13 +866,7 @@ mod tests {
         drop(journal);
         thread.join().unwrap();
         let shared = Shared::for_tests(&path, 100);
-        let mut writer = Writer {
-            connection: crate::db::open_journal(&path).unwrap(),
-            shared: shared.clone(),
-            committed: None,
-            cursor: None,
-            staging: log::Aligned::default(),
-        };
+        let mut writer = writer_for(&path, &shared);
         let commit = |seq: i64, control_id: &str| {
             let mut bytes = Vec::new();
             log::encode(seq, &entry(control_id, b"MSH|x", 1), &[0; 32], &mut bytes);
@@ -945,13 +950,7 @@ mod tests {
         thread.join().unwrap();
 
         let shared = Shared::for_tests(&path, 100);
-        let writer = Writer {
-            connection: crate::db::open_journal(&path).unwrap(),
-            shared: shared.clone(),
-            committed: None,
-            cursor: None,
-            staging: log::Aligned::default(),
-        };
+        let writer = writer_for(&path, &shared);
         let live = |number: u64| super::super::Live::new(log_directory.join(format!("{number}")), 1);
         shared.lock().live.extend([live(1), live(2)]);
         writer.keep_a_spare();
@@ -973,11 +972,8 @@ mod tests {
         let log_directory = super::super::log_directory(&path);
         let shared = Shared::for_tests(&path, 100);
         let writer = Writer {
-            connection: crate::db::open_journal(&path).unwrap(),
-            shared: shared.clone(),
-            committed: None,
             cursor: Some(Cursor { path: log_directory.join("2"), offset: BLOCK, next_seq: 11 }),
-            staging: log::Aligned::default(),
+            ..writer_for(&path, &shared)
         };
         let full = log::create(&log_directory, 50, SEGMENT_BYTES).unwrap();
         shared.lock().live.extend([
