@@ -847,6 +847,15 @@ mod tests {
         assert!(!shared.recent().may_contain(unseen, 1_000_002));
     }
 
+    /// `j.db` in `directory`, opened as a journal (schema, log directory, spares) and closed.
+    fn opened_and_closed(directory: &Path) -> PathBuf {
+        let path = directory.join("j.db");
+        let (journal, thread) = Journal::open(&path).unwrap();
+        drop(journal);
+        thread.join().unwrap();
+        path
+    }
+
     /// A writer on `path` without its thread, for calling its steps one by one.
     fn writer_for(path: &Path, shared: &Arc<Shared>) -> Writer {
         Writer {
@@ -861,10 +870,7 @@ mod tests {
     #[test]
     fn the_writer_copies_commits_from_memory_and_reads_the_file_for_what_memory_left_out() {
         let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("j.db");
-        let (journal, thread) = Journal::open(&path).unwrap();
-        drop(journal);
-        thread.join().unwrap();
+        let path = opened_and_closed(directory.path());
         let shared = Shared::for_tests(&path, 100);
         let mut writer = writer_for(&path, &shared);
         let commit = |seq: i64, control_id: &str| {
@@ -965,10 +971,7 @@ mod tests {
     #[test]
     fn a_segment_is_retired_only_once_journal_db_is_synced_past_it() {
         let directory = tempfile::tempdir().unwrap();
-        let path = directory.path().join("j.db");
-        let (journal, thread) = Journal::open(&path).unwrap();
-        drop(journal);
-        thread.join().unwrap();
+        let path = opened_and_closed(directory.path());
         let log_directory = super::super::log_directory(&path);
         let shared = Shared::for_tests(&path, 100);
         let writer = Writer {
