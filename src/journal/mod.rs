@@ -360,6 +360,9 @@ struct Shared {
     copying: AtomicBool,
     /// Messages stored since the journal was opened (the pipeline reads the inbound rate).
     stored: AtomicU64,
+    /// Synced writes of the log since the journal was opened: `stored / log_writes` is the
+    /// average group commit.
+    log_writes: AtomicU64,
     /// Read connections to `journal.db` for the callers' duplicate lookups.
     readers: Mutex<Vec<rusqlite::Connection>>,
     /// The accepted messages of the duplicate window, by sender and MSH-10: a message
@@ -400,6 +403,7 @@ impl Shared {
             logging: AtomicBool::new(true),
             copying: AtomicBool::new(true),
             stored: AtomicU64::new(0),
+            log_writes: AtomicU64::new(0),
             readers: Mutex::new(Vec::new()),
             recent: Mutex::new(recent::RecentKeys::complete(100)),
             database: database.to_path_buf(),
@@ -485,6 +489,7 @@ impl Journal {
             logging: AtomicBool::new(true),
             copying: AtomicBool::new(true),
             stored: AtomicU64::new(0),
+            log_writes: AtomicU64::new(0),
             readers: Mutex::new(Vec::new()),
             recent: Mutex::new(recent),
             database: path.to_path_buf(),
@@ -503,6 +508,11 @@ impl Journal {
     /// Messages stored (not duplicates, not failed writes) since the journal was opened.
     pub fn stored_count(&self) -> u64 {
         self.shared.stored.load(Ordering::Relaxed)
+    }
+
+    /// Synced writes of the ingest log (group commits) since the journal was opened.
+    pub fn log_write_count(&self) -> u64 {
+        self.shared.log_writes.load(Ordering::Relaxed)
     }
 
     /// Acknowledged messages in the ingest log not yet copied into `journal.db` (an upper

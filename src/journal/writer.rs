@@ -638,6 +638,9 @@ mod tests {
         // Outside the window: stored again.
         let late = entry("1", b"MSH|one", 1_000_000 + 61_000_000);
         assert!(matches!(journal.append(late).await.unwrap(), Appended::Stored { .. }));
+        // One append at a time: each stored one is its own synced write; the duplicate's
+        // answer needs none.
+        assert_eq!((journal.stored_count(), journal.log_write_count()), (3, 3));
 
         drop(journal);
         thread.join().unwrap();
