@@ -801,8 +801,8 @@ PV1|1|I|W^2^A^HOSP||||||||||||||||V-7^^^HOSP^VN\r";
         assert!(inbound.busy_at(1_001, at(120)), "a pause in the burst is still the burst");
         assert!(inbound.busy_at(1_001, at(1_059)), "busy until a second after the last busy probe");
         assert!(!inbound.busy_at(1_002, at(1_061)), "a second below the threshold ends the burst");
-        assert!(!inbound.busy_at(1_020, at(1_120)), "20 messages in 59 ms is not a burst");
-        assert!(inbound.busy_at(1_100, at(1_180)), "100 messages in 60 ms is");
+        assert!(!inbound.busy_at(1_020, at(1_120)), "19 messages in 61 ms is not a burst");
+        assert!(inbound.busy_at(1_100, at(1_180)), "80 messages in 60 ms is");
     }
 
     #[test]
