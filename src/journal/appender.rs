@@ -644,6 +644,35 @@ mod tests {
     }
 
     #[test]
+    fn a_new_segment_waits_while_the_writer_is_max_live_segments_behind() {
+        let directory = tempfile::tempdir().unwrap();
+        let (committer, shared) = committer_without_thread(directory.path());
+        {
+            let mut state = shared.lock();
+            while state.live.len() < MAX_LIVE_SEGMENTS {
+                let seq = state.live.len() as i64 + 1;
+                state.live.push_back(Live::new(directory.path().join(format!("behind-{seq}")), seq));
+            }
+        }
+        let rotating = {
+            let committer = committer.clone();
+            std::thread::spawn(move || committer.appender.lock().unwrap().rotate(100, BLOCK))
+        };
+        // Well inside SEGMENT_WAIT: the rotation must still be waiting for the writer.
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!rotating.is_finished(), "no segment is opened while the log is full");
+        assert_eq!(shared.lock().live.len(), MAX_LIVE_SEGMENTS);
+
+        // The writer retires the oldest segment: the rotation goes on at once.
+        shared.lock().pop_front_live();
+        shared.changed.notify_all();
+        rotating.join().unwrap().unwrap();
+        let state = shared.lock();
+        assert_eq!(state.live.len(), MAX_LIVE_SEGMENTS);
+        assert_eq!(state.live.back().map(|live| live.first_seq), Some(100), "the new segment is live");
+    }
+
+    #[test]
     fn unapplied_records_answer_duplicates_until_the_database_has_them() {
         let mut unapplied = Unapplied::default();
         unapplied.insert(1, &mut entry("A", "APP", 100), [1; 32]);
