@@ -41,6 +41,10 @@ pub enum Kind {
     UnsignedInt,
     /// boolean (Y/N, T/F, true/false, 1/0)
     Boolean,
+    /// base64Binary from text that already is base64 (an ED with encoding `Base64`): checked
+    Base64Binary,
+    /// base64Binary made by encoding the text (its UTF-8 bytes), e.g. a TX/FT document
+    Base64Text,
 }
 
 impl Kind {
@@ -61,6 +65,8 @@ impl Kind {
             "positiveInt" => Kind::PositiveInt,
             "unsignedInt" => Kind::UnsignedInt,
             "boolean" => Kind::Boolean,
+            "base64Binary" => Kind::Base64Binary,
+            "base64Text" => Kind::Base64Text,
             _ => return None,
         })
     }
@@ -111,8 +117,40 @@ impl Kind {
                 "N" | "NO" | "F" | "FALSE" | "0" => Ok(Value::Bool(false)),
                 _ => Err(format!("`{trimmed}` is not a boolean (Y/N)")),
             },
+            Kind::Base64Binary => {
+                let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+                let body = compact.trim_end_matches('=');
+                let valid = !compact.is_empty()
+                    && compact.len().is_multiple_of(4)
+                    && compact.len() - body.len() <= 2
+                    && body.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
+                if valid {
+                    Ok(Value::String(compact))
+                } else {
+                    Err("the value is not base64".to_string())
+                }
+            }
+            Kind::Base64Text => Ok(Value::String(base64(text.trim_end().as_bytes()))),
         }
     }
+}
+
+/// Standard base64 (RFC 4648, with padding).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let word =
+            chunk.iter().enumerate().fold(0u32, |word, (index, &byte)| word | u32::from(byte) << (16 - 8 * index));
+        for position in 0..4 {
+            if position <= chunk.len() {
+                out.push(char::from(ALPHABET[(word >> (18 - 6 * position)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// A v2 DTM split into its parts.
@@ -275,6 +313,19 @@ mod tests {
 
     fn chicago() -> TimeZone {
         TimeZone::get("America/Chicago").unwrap()
+    }
+
+    #[test]
+    fn base64_encodes_text_and_checks_encoded_values() {
+        let zone = chicago();
+        assert_eq!(Kind::Base64Text.convert("", &zone).unwrap(), "");
+        assert_eq!(Kind::Base64Text.convert("f", &zone).unwrap(), "Zg==");
+        assert_eq!(Kind::Base64Text.convert("fo", &zone).unwrap(), "Zm8=");
+        assert_eq!(Kind::Base64Text.convert("foobar", &zone).unwrap(), "Zm9vYmFy");
+        assert_eq!(Kind::Base64Text.convert("Zoë\n", &zone).unwrap(), "Wm/Dqw==");
+        assert_eq!(Kind::Base64Binary.convert(" Zm9v\nYmFy ", &zone).unwrap(), "Zm9vYmFy");
+        assert!(Kind::Base64Binary.convert("<Base64 encoded>", &zone).is_err());
+        assert!(Kind::Base64Binary.convert("Zm9", &zone).is_err());
     }
 
     #[test]
