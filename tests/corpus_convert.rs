@@ -25,7 +25,7 @@ use serde_json::Value;
 mod shared_corpus;
 
 /// Message types (MSH-9.1) whose every corpus message must convert.
-const FAMILIES: &[&str] = &["ADT", "ORU", "ORM", "OML", "SIU", "MDM"];
+const FAMILIES: &[&str] = &["ADT", "ORU", "ORM", "OML", "SIU", "MDM", "VXU"];
 
 /// Fuzz inputs: refusing them is a correct answer.
 fn is_bad_input(name: &str) -> bool {
