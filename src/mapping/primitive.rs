@@ -6,6 +6,8 @@
 //! zone at that local time (DST-aware) — never the server's zone. FHIR has no hour or
 //! minute precision, so those are completed with zeros.
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
 use serde_json::Value;
@@ -119,38 +121,14 @@ impl Kind {
             },
             Kind::Base64Binary => {
                 let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-                let body = compact.trim_end_matches('=');
-                let valid = !compact.is_empty()
-                    && compact.len().is_multiple_of(4)
-                    && compact.len() - body.len() <= 2
-                    && body.chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '/');
-                if valid {
-                    Ok(Value::String(compact))
-                } else {
-                    Err("the value is not base64".to_string())
+                match BASE64.decode(&compact) {
+                    Ok(bytes) if !bytes.is_empty() => Ok(Value::String(compact)),
+                    _ => Err("the value is not base64".to_string()),
                 }
             }
-            Kind::Base64Text => Ok(Value::String(base64(text.trim_end().as_bytes()))),
+            Kind::Base64Text => Ok(Value::String(BASE64.encode(text.trim_end()))),
         }
     }
-}
-
-/// Standard base64 (RFC 4648, with padding).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let word =
-            chunk.iter().enumerate().fold(0u32, |word, (index, &byte)| word | u32::from(byte) << (16 - 8 * index));
-        for position in 0..4 {
-            if position <= chunk.len() {
-                out.push(char::from(ALPHABET[(word >> (18 - 6 * position)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// A v2 DTM split into its parts.
